@@ -1,0 +1,3 @@
+from efficientbioai.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Configuration files: pydantic schemas that are the validation, the defaults and the documentation.
+
+Relative paths in a config are read from the current working directory, as on the command line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from efficientbioai.errors import ConfigError
+
+AXES_HELP = "input axes of the network, 'bcyx' for 2D or 'bczyx' for 3D"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelConfig(_Strict):
+    """Where the model comes from and how to build it."""
+
+    kind: str = Field(
+        description="model source: torchscript | torch | monai | bioimageio | onnx, "
+        "or your own parser as 'package.module:ParserClass' (a BaseParser subclass)"
+    )
+    path: Path | None = Field(
+        None,
+        description="the model file or package: a TorchScript .pt, an .onnx file, or a bioimage.io "
+        "folder / .zip / rdf yaml",
+    )
+    axes: str | None = Field(None, description=AXES_HELP + " (read from the package for bioimageio)")
+    factory: str | None = Field(
+        None, description="kind 'torch': the network's constructor as 'package.module:callable'"
+    )
+    name: str | None = Field(None, description="kind 'monai': a class of monai.networks.nets, e.g. UNet")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the factory / MONAI class"
+    )
+    checkpoint: Path | None = Field(
+        None,
+        description="kinds 'torch' / 'monai': a state-dict checkpoint, loaded with weights_only=True",
+    )
+    weights: Literal["torchscript", "pytorch_state_dict", "onnx"] | None = Field(
+        None, description="kind 'bioimageio': which weight format to use (default: the first usable one)"
+    )
+    tile_step: list[int] | None = Field(
+        None, description="valid tile sizes are multiples of this per spatial axis (default: probed)"
+    )
+    halo: list[int] | None = Field(
+        None, description="pixels per spatial axis at each tile border that are not trusted (default 0)"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="free-form options for your own parser")
+
+    @field_validator("axes")
+    @classmethod
+    def _check_axes(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in ("bcyx", "bczyx"):
+            raise ValueError(f"'{v}' is not supported: use 'bcyx' (2D) or 'bczyx' (3D)")
+        return v.lower() if v else v
+
+    @field_validator("path", "checkpoint")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.expanduser().exists():
+            raise ValueError(f"file not found: '{v}' (relative paths are read from {Path.cwd()})")
+        return v.expanduser() if v is not None else v
+
+    @model_validator(mode="after")
+    def _needs(self) -> ModelConfig:
+        need = {
+            "torchscript": ("path",),
+            "onnx": ("path",),
+            "bioimageio": ("path",),
+            "torch": ("factory",),
+            "monai": ("name",),
+        }.get(self.kind, ())
+        for key in need:
+            if getattr(self, key) is None:
+                raise ValueError(f"kind '{self.kind}' needs 'model.{key}'")
+        if self.kind in ("torchscript", "onnx", "torch", "monai") and self.axes is None:
+            raise ValueError(f"kind '{self.kind}' needs 'model.axes' ({AXES_HELP})")
+        return self
+
+
+class CalibrationConfig(_Strict):
+    """The user's images that calibrate the quantizer and check fidelity (held-out tiles)."""
+
+    images: str | None = Field(
+        None,
+        description="a file, folder or glob of TIFF / NPY images; without it a bioimage.io model's own "
+        "test tensors are used",
+    )
+    axes: str | None = Field(
+        None, description="axes of the images, e.g. 'zyx' or 'cyx' (default: inferred from the model)"
+    )
+    targets: str | None = Field(
+        None, description="ground truth for the images (same order), enabling the task metric"
+    )
+    num_tiles: int = Field(32, ge=1, description="number of tiles that calibrate the quantizer")
+    tile_shape: list[int] | None = Field(
+        None, description="spatial tile shape, e.g. [256, 256] or [32, 128, 128] (default: from the model)"
+    )
+    background_fraction: float = Field(
+        0.25, ge=0, le=1, description="at most this fraction of the tiles may be flat background"
+    )
+    seed: int = Field(0, description="random seed of the tile sampler")
+
+
+class QuantizeConfig(_Strict):
+    """How the model is made smaller and faster."""
+
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        "int8",
+        description="int8: NNCF post-training quantization; fp16 / bf16: engine precision; fp32: conversion",
+    )
+    preset: Literal["performance", "mixed"] = Field(
+        "performance",
+        description="int8: 'performance' (symmetric) or 'mixed' (asymmetric activations, often more accurate)",
+    )
+    per_channel: bool = Field(True, description="int8: per-channel (true) or per-tensor (false) weight scales")
+    fast_bias_correction: bool = Field(True, description="int8: NNCF's fast bias correction")
+    keep_float: list[str] = Field(
+        default_factory=list,
+        description="int8: layers kept in float, as regular expressions over layer names "
+        "(names are printed in the error when a layer fails, or see model.onnx)",
+    )
+    keep_float_types: list[str] = Field(
+        default_factory=list, description="int8: operation types kept in float, e.g. [ConvolutionBackpropData]"
+    )
+
+
+class ExportConfig(_Strict):
+    """Which engines to build."""
+
+    targets: list[Literal["openvino", "onnx", "tensorrt"]] = Field(
+        default_factory=lambda: ["openvino"],
+        description="engines to build; the ONNX model is always written",
+    )
+    opset: int = Field(17, ge=13, description="ONNX opset")
+    slim: bool = Field(True, description="simplify the ONNX graph with onnxslim")
+
+    @field_validator("targets")
+    @classmethod
+    def _no_trt_yet(cls, v: list[str]) -> list[str]:
+        if "tensorrt" in v:
+            raise ValueError(
+                "TensorRT engines are not available yet in this version; use 'openvino' (CPU) or "
+                "'onnx' and build a TensorRT engine from model.onnx with trtexec"
+            )
+        return v
+
+
+class FidelityConfig(_Strict):
+    """How the compressed model is checked against the original on held-out tiles."""
+
+    num_tiles: int = Field(8, ge=1, description="held-out tiles (never used for calibration)")
+    task: Literal["restoration", "semantic"] | None = Field(
+        None, description="task metric with targets: restoration → Pearson r, semantic → IoU (default: none)"
+    )
+    threshold: float = Field(0.5, description="semantic: outputs above this are foreground")
+    max_pearson_drop: float | None = Field(
+        None, ge=0, description="fail if 1 − Pearson r(compressed, original) exceeds this, e.g. 0.01"
+    )
+    max_relative_l2: float | None = Field(
+        None, ge=0, description="fail if ‖compressed − original‖ / ‖original‖ exceeds this"
+    )
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="fail if the task metric drops by more than this (needs targets)"
+    )
+
+
+class EngineConfig(_Strict):
+    """How engines run during compression checks."""
+
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for every engine and PyTorch (default: all cores)"
+    )
+    latency_repeats: int = Field(10, ge=1, description="timed runs per engine after warm-up")
+
+
+class CompressConfig(_Strict):
+    """`efficientbioai compress`: model → compressed engine in an artifact directory."""
+
+    model: ModelConfig
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    output: Path = Field(description="artifact directory to create")
+    overwrite: bool = Field(False, description="replace an existing artifact directory")
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = model
+            for part in e["loc"][:-1]:
+                field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+                parent = field.annotation if field is not None else None
+            known = list(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
+            lines.append(f"  - {loc}: unknown key; {hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  - {loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" else f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, model: type[BaseModel] = CompressConfig, overrides: dict | None = None):
+    """Read and validate a YAML config; every problem is reported with its key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", "check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}", "fix the indentation / syntax at that line") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of keys to values", "see configs/ for examples")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate_config(data, model, source=str(path))
+
+
+def validate_config(data: dict, model: type[BaseModel] = CompressConfig, source: str = "config"):
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, model, source), "edit the config; `efficientbioai schema` "
+                          "prints every key with its description") from None

@@ -1,0 +1,26 @@
+"""Inference engines behind one interface (:class:`Engine`): OpenVINO, ONNX Runtime, PyTorch."""
+
+from __future__ import annotations
+
+from efficientbioai.engines.base import Engine, default_threads, median_latency_ms
+from efficientbioai.engines.onnxruntime import OnnxRuntimeEngine
+from efficientbioai.engines.openvino import OpenVINOEngine
+from efficientbioai.engines.pytorch import TorchEngine
+
+
+def reference_engine(loaded, threads: int | None = None) -> Engine:
+    """The original model at fp32: PyTorch eager, or ONNX Runtime for models that exist only as ONNX."""
+    if loaded.module is not None:
+        return TorchEngine(loaded.module, threads)
+    return OnnxRuntimeEngine(loaded.onnx_path, threads)
+
+
+__all__ = [
+    "Engine",
+    "OnnxRuntimeEngine",
+    "OpenVINOEngine",
+    "TorchEngine",
+    "default_threads",
+    "median_latency_ms",
+    "reference_engine",
+]

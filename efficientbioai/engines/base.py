@@ -1,0 +1,64 @@
+"""One small interface for every runtime: run a batch of tiles, say what precision it really used."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+
+def default_threads() -> int:
+    """All cores this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+class Engine(ABC):
+    """Runs a network on batches of tiles.
+
+    ``__call__`` takes float32 (B, C, [Z,] Y, X) and returns float32 (B, C_out, [Z,] Y, X), on the CPU
+    as NumPy arrays. ``precision`` is what the runtime actually computes in, read back from it where the
+    runtime can say (OpenVINO may silently substitute bf16 for fp16 on CPUs without fp16 units).
+    """
+
+    backend: str = ""
+    precision: str = "fp32"
+    threads: int | None = None
+
+    @abstractmethod
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None:
+        """Release the runtime's resources."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "precision": self.precision, "threads": self.threads}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def median_latency_ms(fn, x: np.ndarray, *, warmup: int = 2, repeats: int = 10) -> dict[str, float]:
+    """Median and spread of ``fn(x)`` wall time in milliseconds, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "repeats": repeats,
+    }

@@ -1,0 +1,216 @@
+"""The parser interface: how a model source becomes a network we can export, calibrate and check.
+
+``BaseParser`` is the public extension point. A subclass loads a model its own way and plugs in by name
+(``model.kind: "mypkg.parsers:MyParser"``) without changes to efficientbioai::
+
+    from efficientbioai.models import BaseParser, LoadedModel
+
+    class MyParser(BaseParser):
+        def load(self) -> LoadedModel:
+            net = MyNet(**self.config.kwargs)
+            net.load_state_dict(torch.load(self.config.checkpoint, weights_only=True))
+            return LoadedModel(module=net.eval(), axes="bcyx", name="my-net")
+
+        # optional: which tiles calibrate the quantizer (default: the sampled tiles unchanged)
+        def calibration_tiles(self, tiles):
+            return [t for t in tiles if t.std() > 0.1]
+
+        # optional: adapt the network before export (called on every run; pruning will call it
+        # after removing channels so that the network can recover)
+        def fine_tune(self, module, tiles):
+            return module
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from efficientbioai.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+    from efficientbioai.config import ModelConfig
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for compression.
+
+    Tensors follow ``axes``: (B, C, Y, X) for ``"bcyx"`` or (B, C, Z, Y, X) for ``"bczyx"``, float32.
+    Exactly one of ``module`` (a PyTorch network, also the fidelity reference) and ``onnx_path`` (a model
+    that exists only as ONNX) is set.
+    """
+
+    axes: str
+    module: torch.nn.Module | None = None
+    onnx_path: Path | None = None
+    name: str = "model"
+    in_channels: int | None = None
+    preprocessing: list[dict[str, Any]] = field(default_factory=list)
+    postprocessing: list[dict[str, Any]] = field(default_factory=list)
+    halo: list[int] | None = None
+    tile_min: list[int] | None = None
+    tile_step: list[int] | None = None
+    preferred_tile: list[int] | None = None
+    sample_inputs: list[np.ndarray] = field(default_factory=list)
+    sample_outputs: list[np.ndarray] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_axes(self) -> str:
+        return self.axes[2:]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial_axes)
+
+
+class BaseParser:
+    """Loads one kind of model. Subclass it and implement :meth:`load`.
+
+    ``self.config`` is the validated ``model:`` section of the config (``path``, ``axes``, ``kwargs``,
+    ``checkpoint``, ``options`` for anything of your own).
+    """
+
+    kind: str = ""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+
+    def load(self) -> LoadedModel:
+        """Build the network (eval mode, CPU, float32) and describe its input."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+    def calibration_tiles(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
+        """Choose or transform the preprocessed (C, *spatial) tiles that calibrate the quantizer."""
+        return tiles
+
+    def fine_tune(self, module: torch.nn.Module, tiles: list[np.ndarray]) -> torch.nn.Module:
+        """Adapt the network before export; the default returns it unchanged."""
+        return module
+
+
+PARSERS: dict[str, type[BaseParser]] = {}
+
+
+def register_parser(kind: str):
+    """Class decorator that makes a parser available as ``model.kind: <kind>``."""
+
+    def deco(cls: type[BaseParser]) -> type[BaseParser]:
+        cls.kind = kind
+        PARSERS[kind] = cls
+        return cls
+
+    return deco
+
+
+def get_parser(kind: str) -> type[BaseParser]:
+    """The parser class for ``kind``: a registered name or ``"package.module:Class"``."""
+    if kind in PARSERS:
+        return PARSERS[kind]
+    if ":" not in kind:
+        raise ConfigError(
+            f"model.kind: unknown kind '{kind}'",
+            f"use one of {', '.join(sorted(PARSERS))}, or your own parser as 'package.module:ParserClass'",
+        )
+    module_name, _, attr = kind.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"model.kind: cannot import '{module_name}' ({exc})",
+            "install the package that defines your parser, or add its folder to PYTHONPATH",
+        ) from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseParser)):
+        raise ConfigError(
+            f"model.kind: '{kind}' is not a BaseParser subclass",
+            "point it at a class that subclasses efficientbioai.models.BaseParser",
+        )
+    return cls
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def infer_in_channels(module: torch.nn.Module, ndim: int) -> int | None:
+    """Input channels from the first convolution weight (out, in, *kernel) of the network."""
+    for p in module.parameters():
+        if p.ndim == ndim + 2:
+            return int(p.shape[1])
+    return None
+
+
+def probe_tile_step(run, ndim: int, in_channels: int) -> list[int]:
+    """Smallest power-of-two step such that ``run`` maps every multiple of it to the same shape.
+
+    Sizes are odd multiples of the candidate step, so a size is divisible by the step but not by twice
+    the step: the first candidate that works is the network's divisibility requirement.
+    """
+    for step in (1, 2, 4, 8, 16, 32, 64):
+        m = max(1, -(-32 // step))
+        m += m % 2 == 0
+        size = step * m
+        try:
+            y = run(np.zeros((1, in_channels) + (size,) * ndim, np.float32))
+        except Exception:
+            continue
+        if tuple(y.shape[2:]) == (size,) * ndim:
+            return [step] * ndim
+    raise ModelLoadError(
+        "could not find a tile size the network maps to an output of the same size (tried multiples of "
+        "1 to 64)",
+        "set model.tile_step in the config, or check that the network keeps the spatial size",
+    )
+
+
+def complete(loaded: LoadedModel, config: ModelConfig) -> LoadedModel:
+    """Fill what a parser left open: channels, valid tile sizes (probed), halo, from config or model."""
+    if config.tile_step is not None:
+        loaded.tile_step = list(config.tile_step)
+    if config.halo is not None:
+        loaded.halo = list(config.halo)
+    if loaded.module is not None:
+        loaded.module = loaded.module.eval().float()
+        if loaded.in_channels is None:
+            loaded.in_channels = infer_in_channels(loaded.module, loaded.ndim)
+    loaded.in_channels = loaded.in_channels or 1
+    if loaded.tile_step is None:
+        from efficientbioai.engines import reference_engine
+
+        with reference_engine(loaded) as run:
+            loaded.tile_step = probe_tile_step(run, loaded.ndim, loaded.in_channels)
+    for key in ("tile_step", "halo"):
+        value = getattr(loaded, key)
+        if value is not None and len(value) != loaded.ndim:
+            raise ConfigError(f"model.{key}: needs {loaded.ndim} values, one per spatial axis, got {value}")
+    loaded.tile_step = loaded.tile_step or [1] * loaded.ndim
+    loaded.tile_min = loaded.tile_min or list(loaded.tile_step)
+    loaded.halo = loaded.halo or [0] * loaded.ndim
+    loaded.source.setdefault("kind", config.kind)
+    return loaded
+
+
+def load_model(config: ModelConfig) -> tuple[BaseParser, LoadedModel]:
+    """Resolve ``config.kind`` to a parser, load the model and fill in derived facts."""
+    parser = get_parser(config.kind)(config)
+    loaded = parser.load()
+    if not isinstance(loaded, LoadedModel):
+        raise ModelLoadError(f"{type(parser).__name__}.load() must return a LoadedModel, got {type(loaded).__name__}")
+    if (loaded.module is None) == (loaded.onnx_path is None):
+        raise ModelLoadError(f"{type(parser).__name__}.load() must set exactly one of module / onnx_path")
+    if loaded.axes not in ("bcyx", "bczyx"):
+        raise ModelLoadError(f"model axes '{loaded.axes}' are not supported", "use 'bcyx' (2D) or 'bczyx' (3D)")
+    return parser, complete(loaded, config)
