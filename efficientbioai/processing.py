@@ -50,10 +50,10 @@ def _per_channel(value: Any, x: np.ndarray, axes: str) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _zero_mean_unit_variance(x, axes, *, mode="per_sample", mean=None, std=None, eps=1e-6, **kw):
+def _zero_mean_unit_variance(x, tensor_axes, *, mode="per_sample", mean=None, std=None, eps=1e-6, **kw):
     if mean is not None and std is not None or mode == "fixed":
-        return (x - _per_channel(mean, x, axes)) / (_per_channel(std, x, axes) + eps)
-    red = _axes_indices(kw.get("axes"), axes)
+        return (x - _per_channel(mean, x, tensor_axes)) / (_per_channel(std, x, tensor_axes) + eps)
+    red = _axes_indices(kw.get("axes"), tensor_axes)
     if mode == "per_dataset":
         raise EfficientBioAIError(
             "zero_mean_unit_variance with mode 'per_dataset' needs dataset statistics",
@@ -64,36 +64,36 @@ def _zero_mean_unit_variance(x, axes, *, mode="per_sample", mean=None, std=None,
     return ((x - m) / (s + eps)).astype(np.float32)
 
 
-def _scale_range(x, axes, *, min_percentile=0.0, max_percentile=100.0, eps=1e-6, mode=None, **kw):
-    red = _axes_indices(kw.get("axes"), axes)
+def _scale_range(x, tensor_axes, *, min_percentile=0.0, max_percentile=100.0, eps=1e-6, mode=None, **kw):
+    red = _axes_indices(kw.get("axes"), tensor_axes)
     lo = np.percentile(x, min_percentile, axis=red, keepdims=True)
     hi = np.percentile(x, max_percentile, axis=red, keepdims=True)
     return ((x - lo) / (hi - lo + eps)).astype(np.float32)
 
 
-def _scale_linear(x, axes, *, gain=1.0, offset=0.0, **kw):
-    return x * _per_channel(gain, x, axes) + _per_channel(offset, x, axes)
+def _scale_linear(x, tensor_axes, *, gain=1.0, offset=0.0, **kw):
+    return x * _per_channel(gain, x, tensor_axes) + _per_channel(offset, x, tensor_axes)
 
 
-def _clip(x, axes, *, min=None, max=None, **kw):  # noqa: A002 - names from the bioimage.io spec
+def _clip(x, tensor_axes, *, min=None, max=None, **kw):  # noqa: A002 - names from the bioimage.io spec
     return np.clip(x, min, max)
 
 
-def _sigmoid(x, axes, **kw):
+def _sigmoid(x, tensor_axes, **kw):
     return (1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float32)))).astype(np.float32)
 
 
-def _binarize(x, axes, *, threshold=0.5, **kw):
-    return (x > _per_channel(threshold, x, axes)).astype(np.float32)
+def _binarize(x, tensor_axes, *, threshold=0.5, **kw):
+    return (x > _per_channel(threshold, x, tensor_axes)).astype(np.float32)
 
 
-def _ensure_dtype(x, axes, *, dtype="float32", **kw):
+def _ensure_dtype(x, tensor_axes, *, dtype="float32", **kw):
     return np.asarray(x).astype(dtype, copy=False)
 
 
 OPS: dict[str, Callable[..., np.ndarray]] = {
     "zero_mean_unit_variance": _zero_mean_unit_variance,
-    "fixed_zero_mean_unit_variance": lambda x, axes, **kw: _zero_mean_unit_variance(x, axes, mode="fixed", **kw),
+    "fixed_zero_mean_unit_variance": lambda x, tensor_axes, **kw: _zero_mean_unit_variance(x, tensor_axes, mode="fixed", **kw),
     "scale_range": _scale_range,
     "scale_linear": _scale_linear,
     "clip": _clip,

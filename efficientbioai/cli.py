@@ -1,0 +1,101 @@
+"""The ``efficientbioai`` command: thin sub-commands that parse, load a config, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from efficientbioai import __version__
+from efficientbioai.errors import EfficientBioAIError
+
+COMPRESS_HELP = """\
+Compress a model into a fast engine and check it against the original on your images.
+
+The config is YAML (relative paths are read from the current directory):
+
+  model:
+    kind: bioimageio          # torchscript | torch | monai | bioimageio | onnx | package.module:MyParser
+    path: path/to/package     # model file or bioimage.io package (folder, .zip or yaml)
+    # axes: bczyx             # input axes for torchscript / torch / monai / onnx
+    # factory: pkg.module:fn  # kind torch, with kwargs: {...} and checkpoint: weights.pt
+    # name: UNet              # kind monai, with kwargs: {...} and checkpoint: weights.pt
+  calibration:
+    images: "data/calib/*.tif"  # your images (TIFF / NPY)
+    num_tiles: 32
+    tile_shape: [256, 256]
+  quantize:
+    precision: int8           # fp32 | fp16 | bf16 | int8
+  fidelity:
+    max_pearson_drop: 0.01    # fail when the compressed model drifts further
+  output: runs/my_model_int8
+
+Every key with its description and default: `efficientbioai schema compress`.
+"""
+
+
+def _cmd_compress(args) -> int:
+    from efficientbioai.compress import compress
+    from efficientbioai.config import CompressConfig, load_config
+
+    overrides = {"output": args.output, "overwrite": True if args.overwrite else None}
+    cfg = load_config(args.config, CompressConfig, overrides)
+    result = compress(cfg, quiet=args.quiet)
+    print(result.table())
+    return 0
+
+
+def _cmd_schema(args) -> int:
+    from efficientbioai.config import CompressConfig
+
+    schemas = {"compress": CompressConfig}
+    print(json.dumps(schemas[args.which].model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="efficientbioai",
+        description="Compress bioimage deep-learning models into fast inference engines.",
+    )
+    parser.add_argument("--version", action="version", version=f"efficientbioai {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="compress a model into an engine (int8 / bf16 / fp16 / fp32)",
+                       description=COMPRESS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
+    p.add_argument("--output", "-o", help="artifact directory (overrides the config's output)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the final table")
+    p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser("schema", help="print the JSON schema of a config (for editors and docs)")
+    p.add_argument("which", choices=["compress"], nargs="?", default="compress")
+    p.set_defaults(func=_cmd_schema)
+    return parser
+
+
+def _short_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = _short_warning
+    if getattr(args, "quiet", False):
+        warnings.filterwarnings("ignore")
+    try:
+        return args.func(args)
+    except EfficientBioAIError as exc:
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"  how to fix: {exc.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Drawing tiles from the user's images for calibration and for the held-out fidelity check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Tiles:
+    """Tiles in model layout without batch: inputs (C, *tile), optional targets (C_t, *tile)."""
+
+    inputs: list[np.ndarray] = field(default_factory=list)
+    targets: list[np.ndarray] | None = None
+    positions: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    background: int = 0
+
+
+def pad_to(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Pad the spatial axes of (C, *spatial) up to ``shape`` (reflect where possible)."""
+    pads = [(0, 0)] + [(0, max(0, t - s)) for s, t in zip(image.shape[1:], shape, strict=True)]
+    if not any(p[1] for p in pads):
+        return image
+    mode = "reflect" if all(p[1] < s for p, s in zip(pads[1:], image.shape[1:], strict=True)) else "symmetric"
+    return np.pad(image, pads, mode=mode)
+
+
+def _crop(image: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    return np.ascontiguousarray(image[(slice(None),) + tuple(slice(s, s + t) for s, t in zip(start, shape, strict=True))])
+
+
+def sample_tiles(
+    images: list[np.ndarray],
+    tile_shape: tuple[int, ...],
+    n_calibration: int,
+    n_holdout: int,
+    *,
+    targets: list[np.ndarray] | None = None,
+    background_fraction: float = 0.25,
+    seed: int = 0,
+) -> tuple[Tiles, Tiles]:
+    """Calibration and held-out tiles from preprocessed (C, *spatial) images, at different positions.
+
+    Background is judged by a cheap statistic: the mean absolute deviation of a tile from its image's
+    median (the background level of sparse fluorescence images). Tiles scoring under twice the 10th
+    percentile of all candidates count as flat background, and at most ``background_fraction`` of the
+    chosen tiles may be background, so empty regions cannot dominate calibration. Images smaller than a
+    tile are padded.
+    """
+    rng = np.random.default_rng(seed)
+    tile_shape = tuple(int(t) for t in tile_shape)
+    images = [pad_to(np.asarray(im, np.float32), tile_shape) for im in images]
+    if targets is not None:
+        targets = [pad_to(np.asarray(t, np.float32), tile_shape) for t in targets]
+    total = n_calibration + n_holdout
+    n_candidates = max(4 * total, 16)
+    cand, scores = [], []
+    medians = [float(np.median(im[:, ::4, ::4] if im.ndim == 3 else im[:, ::2, ::4, ::4])) for im in images]
+    for k in range(n_candidates):
+        i = k % len(images)
+        shape = images[i].shape[1:]
+        start = tuple(int(rng.integers(0, s - t + 1)) for s, t in zip(shape, tile_shape, strict=True))
+        tile = _crop(images[i], start, tile_shape)
+        cand.append((i, start))
+        scores.append(float(np.abs(tile - medians[i]).mean()))
+    scores = np.asarray(scores)
+    is_bg = scores < 2 * np.percentile(scores, 10)
+    content = [c for c, bg in zip(cand, is_bg, strict=True) if not bg]
+    background = [c for c, bg in zip(cand, is_bg, strict=True) if bg]
+    rng.shuffle(content)
+    rng.shuffle(background)
+    n_bg = min(len(background), int(np.floor(background_fraction * total)))
+    n_content = min(len(content), total - n_bg)
+    n_bg = min(len(background), total - n_content)
+    chosen = [(c, False) for c in content[:n_content]] + [(c, True) for c in background[:n_bg]]
+    order = rng.permutation(len(chosen))
+    chosen = [chosen[j] for j in order]
+
+    def collect(items) -> Tiles:
+        out = Tiles(targets=[] if targets is not None else None)
+        for (i, start), bg in items:
+            out.inputs.append(_crop(images[i], start, tile_shape))
+            if targets is not None:
+                out.targets.append(_crop(targets[i], start, tile_shape))
+            out.positions.append((i, start))
+            out.background += bg
+        return out
+
+    holdout_n = min(n_holdout, max(1, len(chosen) // 5)) if len(chosen) < total else n_holdout
+    return collect(chosen[holdout_n:]), collect(chosen[:holdout_n])
