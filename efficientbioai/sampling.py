@@ -54,23 +54,34 @@ def sample_tiles(
     if targets is not None:
         targets = [pad_to(np.asarray(t, np.float32), tile_shape) for t in targets]
     total = n_calibration + n_holdout
-    n_candidates = max(4 * total, 16)
-    cand, scores = [], []
-    medians = [float(np.median(im[:, ::4, ::4] if im.ndim == 3 else im[:, ::2, ::4, ::4])) for im in images]
-    for k in range(n_candidates):
-        i = k % len(images)
-        shape = images[i].shape[1:]
-        start = tuple(int(rng.integers(0, s - t + 1)) for s, t in zip(shape, tile_shape, strict=True))
-        tile = _crop(images[i], start, tile_shape)
-        cand.append((i, start))
-        scores.append(float(np.abs(tile - medians[i]).mean()))
-    scores = np.asarray(scores)
-    is_bg = scores < 2 * np.percentile(scores, 10)
+    n_bg_allowed = int(np.floor(background_fraction * total))
+    medians = [float(np.median(im[(slice(None),) + tuple(slice(None, None, 4) for _ in tile_shape)])) for im in images]
+
+    def draw(n: int) -> tuple[list, list[float]]:
+        cand, scores = [], []
+        for k in range(n):
+            i = k % len(images)
+            start = tuple(int(rng.integers(0, s - t + 1)) for s, t in zip(images[i].shape[1:], tile_shape, strict=True))
+            cand.append((i, start))
+            scores.append(float(np.abs(_crop(images[i], start, tile_shape) - medians[i]).mean()))
+        return cand, scores
+
+    cand, scores = draw(max(4 * total, 16))
+    threshold = 2 * float(np.percentile(scores, 10))
+    # Sparse samples: keep drawing (bounded) until there are enough non-background candidates.
+    for _ in range(20):
+        if sum(s >= threshold for s in scores) >= total - n_bg_allowed:
+            break
+        more, more_scores = draw(2 * total)
+        cand += more
+        scores += more_scores
+    is_bg = [s < threshold for s in scores]
     content = [c for c, bg in zip(cand, is_bg, strict=True) if not bg]
     background = [c for c, bg in zip(cand, is_bg, strict=True) if bg]
     rng.shuffle(content)
     rng.shuffle(background)
-    n_bg = min(len(background), int(np.floor(background_fraction * total)))
+    content = list(dict.fromkeys(content))  # the same position drawn twice is one tile
+    n_bg = min(len(background), n_bg_allowed)
     n_content = min(len(content), total - n_bg)
     n_bg = min(len(background), total - n_content)
     chosen = [(c, False) for c in content[:n_content]] + [(c, True) for c in background[:n_bg]]

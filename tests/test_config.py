@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from efficientbioai.config import CompressConfig, load_config, validate_config
+from efficientbioai.errors import ConfigError
+
+from .conftest import run_cli
+
+
+def test_misspelled_key_is_named_with_suggestion(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate_config({"model": {"kind": "onnx", "pth": "x"}, "output": "o"})
+    assert "model.pth: unknown key; did you mean 'path'?" in str(err.value)
+
+
+def test_wrong_type_missing_file_and_missing_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate_config({"model": {"kind": "torchscript", "path": str(tmp_path / "nope.pt"), "axes": "bcyx"},
+                         "calibration": {"num_tiles": "many"}})
+    msg = str(err.value)
+    assert "model.path: file not found" in msg
+    assert "calibration.num_tiles" in msg
+    assert "output: required key is missing" in msg
+
+
+def test_kind_requirements_and_tensorrt_not_yet(tmp_path):
+    with pytest.raises(ConfigError, match="kind 'monai' needs 'model.name'"):
+        validate_config({"model": {"kind": "monai", "axes": "bczyx"}, "output": "o"})
+    with pytest.raises(ConfigError, match="TensorRT engines are not available yet"):
+        validate_config({"model": {"kind": "monai", "name": "UNet", "axes": "bczyx"}, "output": "o",
+                         "export": {"targets": ["tensorrt"]}})
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  kindd: monai\noutput: out\n")
+    proc = run_cli("compress", "--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "model.kindd: unknown key; did you mean 'kind'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_schema_and_help(tmp_path):
+    proc = run_cli("schema", "compress", cwd=tmp_path)
+    schema = json.loads(proc.stdout)
+    assert schema == CompressConfig.model_json_schema()
+    assert "max_pearson_drop" in proc.stdout
+    helptext = run_cli("compress", "--help", cwd=tmp_path).stdout
+    assert "--config" in helptext and "precision" in helptext

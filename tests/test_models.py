@@ -1,0 +1,115 @@
+"""Model parsers on real (tiny or shipped) networks."""
+
+import numpy as np
+import pytest
+import torch
+
+from efficientbioai.config import ModelConfig
+from efficientbioai.engines import OnnxRuntimeEngine, TorchEngine
+from efficientbioai.errors import ConfigError, ModelLoadError
+from efficientbioai.models import BaseParser, LoadedModel, load_model
+from efficientbioai.processing import apply_steps
+
+from .conftest import TINY_UNET_KWARGS, tiny_unet
+
+
+class DoubleNet(torch.nn.Module):
+    """Exact predictor used to check a user parser end to end: output = 2 × input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1, bias=False)
+        torch.nn.init.constant_(self.conv.weight, 2.0)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class DoubleParser(BaseParser):
+    def load(self):
+        return LoadedModel(module=DoubleNet(), axes="bcyx", name="double")
+
+
+def make_double(**kwargs):
+    return DoubleNet()
+
+
+def test_torchscript_loads_and_probes_tile_step(tmp_path):
+    net = tiny_unet(2)
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(net), path)
+    _, loaded = load_model(ModelConfig(kind="torchscript", path=path, axes="bcyx"))
+    assert loaded.tile_step == [4, 4]  # two stride-2 levels
+    assert loaded.in_channels == 1
+    x = np.random.default_rng(0).random((1, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(TorchEngine(loaded.module)(x), net(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+def test_state_dict_is_not_torchscript(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(tiny_unet(2).state_dict(), path)
+    with pytest.raises(ModelLoadError, match="is not a TorchScript file.*|use kind 'torch'"):
+        load_model(ModelConfig(kind="torchscript", path=path, axes="bcyx"))
+
+
+def test_monai_checkpoint_round_trip_and_mismatch(tmp_path):
+    net = tiny_unet(3)
+    ckpt = tmp_path / "w.pt"
+    torch.save(net.state_dict(), ckpt)
+    _, loaded = load_model(ModelConfig(kind="monai", name="UNet", kwargs=TINY_UNET_KWARGS, checkpoint=ckpt, axes="bczyx"))
+    x = torch.rand(1, 1, 16, 32, 32)
+    torch.testing.assert_close(loaded.module(x), net(x))
+    assert loaded.source["sha256"] and loaded.tile_step == [4, 4, 4]
+    wrong = dict(TINY_UNET_KWARGS, channels=[8, 16, 32])
+    with pytest.raises(ModelLoadError, match="does not fit the monai UNet architecture.*size mismatch"):
+        load_model(ModelConfig(kind="monai", name="UNet", kwargs=wrong, checkpoint=ckpt, axes="bczyx"))
+    with pytest.raises(ModelLoadError, match="MONAI has no network 'UNett'"):
+        load_model(ModelConfig(kind="monai", name="UNett", axes="bczyx"))
+
+
+def test_torch_factory_and_user_parser_plug_in():
+    _, loaded = load_model(ModelConfig(kind="torch", factory="tests.test_models:make_double", axes="bcyx"))
+    assert loaded.tile_step == [1, 1]
+    _, loaded = load_model(ModelConfig(kind="tests.test_models:DoubleParser"))
+    assert loaded.name == "double"
+    with pytest.raises(ConfigError, match="not a BaseParser subclass"):
+        load_model(ModelConfig(kind="tests.test_models:make_double"))
+    with pytest.raises(ConfigError, match="unknown kind 'tensorflow'"):
+        load_model(ModelConfig(kind="tensorflow"))
+
+
+def test_bioimageio_package_reproduces_its_test_output(shared_model):
+    _, loaded = load_model(ModelConfig(kind="bioimageio", path=shared_model))
+    assert loaded.axes == "bcyx" and loaded.source["weights"] == "torchscript"
+    assert loaded.halo == [32, 32] and loaded.tile_step == [8, 8]
+    assert [s["id"] for s in loaded.preprocessing] == ["ensure_dtype", "zero_mean_unit_variance", "ensure_dtype"]
+    x = apply_steps(loaded.sample_inputs[0], loaded.preprocessing, loaded.axes)
+    y = apply_steps(TorchEngine(loaded.module)(x), loaded.postprocessing, loaded.axes)
+    np.testing.assert_allclose(y, loaded.sample_outputs[0], atol=1e-4)
+
+
+def test_bioimageio_fixed_shape_onnx_weights_become_dynamic(shared_model):
+    _, loaded = load_model(ModelConfig(kind="bioimageio", path=shared_model, weights="onnx"))
+    assert loaded.module is None and loaded.tile_step == [8, 8]
+    x = apply_steps(loaded.sample_inputs[0], loaded.preprocessing, loaded.axes)
+    with OnnxRuntimeEngine(loaded.onnx_path) as ort:
+        full = apply_steps(ort(x), loaded.postprocessing, loaded.axes)
+        np.testing.assert_allclose(full, loaded.sample_outputs[0], atol=1e-4)
+        assert ort(x[..., :256, :320]).shape == (1, 1, 256, 320)
+
+
+def test_bioimageio_zip_and_missing_weights(shared_model, tmp_path):
+    import shutil
+
+    archive = shutil.make_archive(str(tmp_path / "pkg"), "zip", shared_model)
+    _, loaded = load_model(ModelConfig(kind="bioimageio", path=archive))
+    assert loaded.name == "UNet 2D Nuclei Broad"
+    with pytest.raises(ModelLoadError, match="pytorch_state_dict: weights file .* is not in the package"):
+        load_model(ModelConfig(kind="bioimageio", path=shared_model, weights="pytorch_state_dict"))
+
+
+def test_onnx_file_that_is_not_onnx(tmp_path):
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(ModelLoadError, match="is not an ONNX model"):
+        load_model(ModelConfig(kind="onnx", path=bad, axes="bcyx"))
