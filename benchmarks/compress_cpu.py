@@ -67,14 +67,13 @@ def blobs(shape: tuple[int, ...], rng: np.random.Generator, n: int = 40) -> np.n
 
 
 def int8_convolutions(engine: OpenVINOEngine) -> str:
-    """How many convolutions of the compiled graph run in int8 (u8/i8), read from OpenVINO's runtime model."""
-    convs = int8 = 0
-    for op in engine.compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if "layerType" in info and "Convolution" in str(info["layerType"]):
-            convs += 1
-            int8 += str(info["runtimePrecision"]).lower() in ("u8", "i8") if "runtimePrecision" in info else 0
-    return f"{int8}/{convs} conv int8"
+    """How many (de)convolutions of the compiled graph run in int8, read from OpenVINO's runtime model."""
+    precisions = [
+        info["runtimePrecision"].astype(str)
+        for info in (op.get_rt_info() for op in engine.compiled.get_runtime_model().get_ordered_ops())
+        if info["layerType"].astype(str) in ("Convolution", "Deconvolution")
+    ]
+    return f"{sum(p in ('u8', 'i8') for p in precisions)}/{len(precisions)} conv int8"
 
 
 def build_engines(module, x: np.ndarray, axes: str, calib: list[np.ndarray], threads: int) -> dict:

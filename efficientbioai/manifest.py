@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -18,10 +19,8 @@ MANIFEST_VERSION = 1
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("efficientbioai", "torch", "openvino", "nncf", "onnx", "onnxruntime", "onnxslim", "numpy", "monai"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

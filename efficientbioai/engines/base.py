@@ -34,8 +34,8 @@ class Engine(ABC):
     @abstractmethod
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def close(self) -> None:
-        """Release the runtime's resources."""
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release the runtime's resources (nothing to release by default)."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "precision": self.precision, "threads": self.threads}
