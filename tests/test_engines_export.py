@@ -59,3 +59,21 @@ def test_unexportable_op_names_the_cause_and_a_way_out(tmp_path):
     with pytest.raises(ExportError, match="could not be exported to ONNX.*") as err:
         export_onnx(NotExportable(), np.zeros((1, 1, 8, 8), np.float32), tmp_path / "m.onnx", "bcyx")
     assert "model.kind: onnx" in err.value.fix
+
+
+def test_keep_float_patterns_are_checked_and_applied(exported):
+    from efficientbioai.compress.quantize import layer_names, quantize_int8
+    from efficientbioai.config import QuantizeConfig
+    from efficientbioai.errors import ConfigError
+
+    _, path = exported
+    model = to_openvino(path)
+    tiles = [np.random.default_rng(i).random((1, 16, 32, 32)).astype(np.float32) for i in range(4)]
+    with pytest.raises(ConfigError, match="'nothing_like_this' matches no layer"):
+        quantize_int8(model, tiles, QuantizeConfig(keep_float=["nothing_like_this"]))
+    names = layer_names(model)
+    all_q = quantize_int8(to_openvino(path), tiles, QuantizeConfig())
+    kept = quantize_int8(to_openvino(path), tiles, QuantizeConfig(keep_float=[".*"]))
+    n_fq = lambda m: sum(op.get_type_name() == "FakeQuantize" for op in m.get_ops())  # noqa: E731
+    assert names and n_fq(all_q) > 0
+    assert n_fq(kept) < n_fq(all_q)

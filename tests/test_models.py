@@ -113,3 +113,52 @@ def test_onnx_file_that_is_not_onnx(tmp_path):
     bad.write_bytes(b"garbage" * 10)
     with pytest.raises(ModelLoadError, match="is not an ONNX model"):
         load_model(ModelConfig(kind="onnx", path=bad, axes="bcyx"))
+
+
+ARCH_PY = '''
+import torch
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, channels=4):
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, channels, 3, padding=1)
+        self.b = torch.nn.Conv2d(channels, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+'''
+
+
+def test_bioimageio_state_dict_package_with_architecture_source(tmp_path):
+    """A format-0.5 package whose only weights are a state dict with the architecture in the package."""
+    import importlib.util
+
+    import yaml
+
+    (tmp_path / "tiny_arch.py").write_text(ARCH_PY)
+    spec = importlib.util.spec_from_file_location("tiny_arch", tmp_path / "tiny_arch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.TinyNet(channels=3)
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    rdf = {
+        "format_version": "0.5.4", "type": "model", "name": "tiny",
+        "inputs": [{"id": "raw", "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["raw"]},
+                                          {"type": "space", "id": "y", "size": {"min": 16, "step": 8}},
+                                          {"type": "space", "id": "x", "size": {"min": 16, "step": 8}}],
+                    "preprocessing": [{"id": "scale_linear", "kwargs": {"gain": 2.0, "offset": 0.0}}]}],
+        "outputs": [{"id": "out", "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["p"]},
+                                           {"type": "space", "id": "y", "halo": 2, "size": {"tensor_id": "raw", "axis_id": "y"}},
+                                           {"type": "space", "id": "x", "halo": 2, "size": {"tensor_id": "raw", "axis_id": "x"}}],
+                     "postprocessing": [{"id": "sigmoid"}]}],
+        "weights": {"pytorch_state_dict": {"source": "weights.pt", "architecture": {
+            "source": "tiny_arch.py", "callable": "TinyNet", "kwargs": {"channels": 3}}}},
+    }
+    (tmp_path / "bioimageio.yaml").write_text(yaml.safe_dump(rdf))
+    _, loaded = load_model(ModelConfig(kind="bioimageio", path=tmp_path))
+    assert loaded.source["weights"] == "pytorch_state_dict"
+    assert loaded.tile_min == [16, 16] and loaded.tile_step == [8, 8] and loaded.halo == [2, 2]
+    assert [s["id"] for s in loaded.postprocessing] == ["sigmoid"]
+    x = torch.rand(1, 1, 24, 24)
+    torch.testing.assert_close(loaded.module(x), net(x))
