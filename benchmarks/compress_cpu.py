@@ -59,7 +59,9 @@ def blobs(shape: tuple[int, ...], rng: np.random.Generator, n: int = 40) -> np.n
     img = np.zeros(shape, np.float32)
     for _ in range(n):
         centre = [rng.uniform(0, s) for s in shape]
-        sigma = rng.uniform(2, 6) * np.array([0.4 if len(shape) == 3 and i == 0 else 1.0 for i in range(len(shape))])
+        sigma = rng.uniform(2, 6) * np.array(
+            [0.4 if len(shape) == 3 and i == 0 else 1.0 for i in range(len(shape))]
+        )
         r2 = sum(((g - c) / s) ** 2 for g, c, s in zip(grid, centre, sigma, strict=True))
         img += rng.uniform(0.5, 1.5) * np.exp(-0.5 * r2).astype(np.float32)
     img += rng.normal(0, 0.1, shape).astype(np.float32)
@@ -97,14 +99,17 @@ def interleaved_latency(engines: dict, x: np.ndarray, repeats: int, warmup: int 
             engines[name](x)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(median_latency_ms(engines[name], x, warmup=0, repeats=1)["median_ms"])
     return {n: float(np.median(t)) for n, t in times.items()}
 
 
-def benchmark(title: str, module, x: np.ndarray, axes: str, calib: list[np.ndarray], post, min_speedup: float,
-              args) -> None:
-    print(f"\n[{title}] exporting, converting and quantizing on {len(calib)} calibration tiles ...", flush=True)
+def benchmark(
+    title: str, module, x: np.ndarray, axes: str, calib: list[np.ndarray], post, min_speedup: float, args
+) -> None:
+    print(
+        f"\n[{title}] exporting, converting and quantizing on {len(calib)} calibration tiles ...", flush=True
+    )
     engines = build_engines(module, x, axes, calib, args.threads)
     outputs = {name: post(eng(x)) for name, eng in engines.items()}
     lat = interleaved_latency(engines, x, args.repeats)
@@ -115,16 +120,32 @@ def benchmark(title: str, module, x: np.ndarray, axes: str, calib: list[np.ndarr
         precision = eng.precision if isinstance(eng, OpenVINOEngine) else "(torch fp32)"
         if name == ROWS[3]:
             precision += f" + {int8_convolutions(eng)}"
-        rows.append([name, f"{lat[name]:.1f}", f"{ref_ms / lat[name]:.2f}x", f"{ov_ms / lat[name]:.2f}x",
-                     f"{pearson[name]:.5f}", precision])
+        rows.append(
+            [
+                name,
+                f"{lat[name]:.1f}",
+                f"{ref_ms / lat[name]:.2f}x",
+                f"{ov_ms / lat[name]:.2f}x",
+                f"{pearson[name]:.5f}",
+                precision,
+            ]
+        )
     header = ["engine", "median ms", "vs PyTorch", "vs OV fp32", "Pearson r", "OV precision"]
-    print(table(header, rows, title=f"{title}: tile {tuple(x.shape)}, {args.threads} threads, "
-                                    f"{args.repeats} interleaved rounds"))
+    print(
+        table(
+            header,
+            rows,
+            title=f"{title}: tile {tuple(x.shape)}, {args.threads} threads, "
+            f"{args.repeats} interleaved rounds",
+        )
+    )
     speedup, r = ref_ms / lat[ROWS[3]], pearson[ROWS[3]]
     ok = speedup >= min_speedup and r >= MIN_PEARSON
-    print(f"targets: int8 >= {min_speedup:g}x faster than PyTorch fp32 eager: {'met' if speedup >= min_speedup else 'NOT met'} "
-          f"({speedup:.2f}x); int8 Pearson r >= {MIN_PEARSON}: {'met' if r >= MIN_PEARSON else 'NOT met'} ({r:.5f})"
-          f" -> {'all targets met' if ok else 'targets NOT met'}")
+    print(
+        f"targets: int8 >= {min_speedup:g}x faster than PyTorch fp32 eager: {'met' if speedup >= min_speedup else 'NOT met'} "
+        f"({speedup:.2f}x); int8 Pearson r >= {MIN_PEARSON}: {'met' if r >= MIN_PEARSON else 'NOT met'} ({r:.5f})"
+        f" -> {'all targets met' if ok else 'targets NOT met'}"
+    )
     for eng in engines.values():
         eng.close()
 
@@ -134,8 +155,14 @@ def unet3d(args) -> None:
     from monai.networks.nets import UNet
 
     torch.manual_seed(0)
-    net = UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=(16, 32, 64, 128, 256),
-               strides=(2, 2, 2, 2), num_res_units=2).eval()
+    net = UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=(16, 32, 64, 128, 256),
+        strides=(2, 2, 2, 2),
+        num_res_units=2,
+    ).eval()
     shape = (32, 128, 128)
     x = blobs(shape, np.random.default_rng(12345))[np.newaxis]
     calib_rng = np.random.default_rng(0)
@@ -148,21 +175,33 @@ def bioimageio(args) -> None:
         print(f"\n[bioimage.io] skipped: {BIOIMAGEIO} is absent")
         return
     _, loaded = load_model(ModelConfig(kind="bioimageio", path=BIOIMAGEIO))
-    image = preprocess(np.asarray(loaded.sample_inputs[0], np.float32)[0], loaded)  # (C, Y, X), zero mean unit var
+    image = preprocess(
+        np.asarray(loaded.sample_inputs[0], np.float32)[0], loaded
+    )  # (C, Y, X), zero mean unit var
     x = image[np.newaxis]
     rng = np.random.default_rng(0)
     size = 256
     calib = []
     for _ in range(args.calib_tiles):
         y0, x0 = (int(rng.integers(0, s - size + 1)) for s in image.shape[1:])
-        calib.append(np.ascontiguousarray(image[:, y0:y0 + size, x0:x0 + size]))
-    benchmark(f"bioimage.io {loaded.name} ({loaded.source['weights']})", loaded.module, x, loaded.axes, calib,
-              lambda y: postprocess(y, loaded), 8.0, args)
+        calib.append(np.ascontiguousarray(image[:, y0 : y0 + size, x0 : x0 + size]))
+    benchmark(
+        f"bioimage.io {loaded.name} ({loaded.source['weights']})",
+        loaded.module,
+        x,
+        loaded.axes,
+        calib,
+        lambda y: postprocess(y, loaded),
+        8.0,
+        args,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=default_threads(), help="CPU threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=default_threads(), help="CPU threads (default: all cores)"
+    )
     parser.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds (default 20)")
     parser.add_argument("--calib-tiles", type=int, default=32, help="int8 calibration tiles (default 32)")
     parser.add_argument("--quick", action="store_true", help="smaller run: 5 rounds, 8 calibration tiles")

@@ -62,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"efficientbioai {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("compress", help="compress a model into an engine (int8 / bf16 / fp16 / fp32)",
-                       description=COMPRESS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "compress",
+        help="compress a model into an engine (int8 / bf16 / fp16 / fp32)",
+        description=COMPRESS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", "-c", required=True, help="YAML config file")
     p.add_argument("--output", "-o", help="artifact directory (overrides the config's output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")

@@ -122,7 +122,9 @@ class QuantizeConfig(_Strict):
         "performance",
         description="int8: 'performance' (symmetric) or 'mixed' (asymmetric activations, often more accurate)",
     )
-    per_channel: bool = Field(True, description="int8: per-channel (true) or per-tensor (false) weight scales")
+    per_channel: bool = Field(
+        True, description="int8: per-channel (true) or per-tensor (false) weight scales"
+    )
     fast_bias_correction: bool = Field(True, description="int8: NNCF's fast bias correction")
     keep_float: list[str] = Field(
         default_factory=list,
@@ -130,7 +132,8 @@ class QuantizeConfig(_Strict):
         "(names are printed in the error when a layer fails, or see model.onnx)",
     )
     keep_float_types: list[str] = Field(
-        default_factory=list, description="int8: operation types kept in float, e.g. [ConvolutionBackpropData]"
+        default_factory=list,
+        description="int8: operation types kept in float, e.g. [ConvolutionBackpropData]",
     )
 
 
@@ -205,7 +208,11 @@ def _format_errors(err: ValidationError, model: type[BaseModel], source: str) ->
             for part in e["loc"][:-1]:
                 field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
                 parent = field.annotation if field is not None else None
-            known = list(parent.model_fields) if isinstance(parent, type) and issubclass(parent, BaseModel) else []
+            known = (
+                list(parent.model_fields)
+                if isinstance(parent, type) and issubclass(parent, BaseModel)
+                else []
+            )
             close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
             lines.append(f"  - {loc}: unknown key; {hint}")
@@ -213,7 +220,11 @@ def _format_errors(err: ValidationError, model: type[BaseModel], source: str) ->
             lines.append(f"  - {loc}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" else f"  - {loc}: {msg}")
+            lines.append(
+                f"  - {loc}: {msg} (got {e.get('input')!r})"
+                if e["type"] != "value_error"
+                else f"  - {loc}: {msg}"
+            )
     return "\n".join(lines)
 
 
@@ -225,7 +236,9 @@ def load_config(path: str | Path, model: type[BaseModel] = CompressConfig, overr
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}", "fix the indentation / syntax at that line") from exc
+        raise ConfigError(
+            f"{path} is not valid YAML: {exc}", "fix the indentation / syntax at that line"
+        ) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping of keys to values", "see configs/ for examples")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -236,5 +249,7 @@ def validate_config(data: dict, model: type[BaseModel] = CompressConfig, source:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, model, source), "edit the config; `efficientbioai schema` "
-                          "prints every key with its description") from None
+        raise ConfigError(
+            _format_errors(err, model, source),
+            "edit the config; `efficientbioai schema` prints every key with its description",
+        ) from None

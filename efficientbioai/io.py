@@ -58,7 +58,9 @@ def read_image(path: str | Path) -> np.ndarray:
     )
 
 
-def to_model_layout(image: np.ndarray, image_axes: str | None, model_axes: str, source: str = "image") -> np.ndarray:
+def to_model_layout(
+    image: np.ndarray, image_axes: str | None, model_axes: str, source: str = "image"
+) -> np.ndarray:
     """Rearrange an image into the model's layout without the batch axis: (C, [Z,] Y, X).
 
     ``image_axes`` names the image's axes (e.g. ``"zyx"``, ``"cyx"``, ``"yxc"``); when ``None`` it is
@@ -79,7 +81,11 @@ def to_model_layout(image: np.ndarray, image_axes: str | None, model_axes: str, 
                 "number of spatial dimensions",
             )
     image_axes = image_axes.lower()
-    if len(image_axes) != image.ndim or set(image_axes) - set("bczyx") or len(set(image_axes)) != len(image_axes):
+    if (
+        len(image_axes) != image.ndim
+        or set(image_axes) - set("bczyx")
+        or len(set(image_axes)) != len(image_axes)
+    ):
         raise EfficientBioAIError(
             f"{source}: axes '{image_axes}' do not describe an array of shape {tuple(image.shape)}",
             "name one axis per dimension using the letters b, c, z, y, x",

@@ -18,7 +18,17 @@ MANIFEST_VERSION = 1
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("efficientbioai", "torch", "openvino", "nncf", "onnx", "onnxruntime", "onnxslim", "numpy", "monai"):
+    for pkg in (
+        "efficientbioai",
+        "torch",
+        "openvino",
+        "nncf",
+        "onnx",
+        "onnxruntime",
+        "onnxslim",
+        "numpy",
+        "monai",
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     return out

@@ -93,7 +93,9 @@ def _ensure_dtype(x, tensor_axes, *, dtype="float32", **kw):
 
 OPS: dict[str, Callable[..., np.ndarray]] = {
     "zero_mean_unit_variance": _zero_mean_unit_variance,
-    "fixed_zero_mean_unit_variance": lambda x, tensor_axes, **kw: _zero_mean_unit_variance(x, tensor_axes, mode="fixed", **kw),
+    "fixed_zero_mean_unit_variance": lambda x, tensor_axes, **kw: _zero_mean_unit_variance(
+        x, tensor_axes, mode="fixed", **kw
+    ),
     "scale_range": _scale_range,
     "scale_linear": _scale_linear,
     "clip": _clip,

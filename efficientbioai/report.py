@@ -9,7 +9,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], title: str | 
     cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+
     out = [title] if title else []
     out += [fmt(cells[0]), line] + [fmt(r) for r in cells[1:]]
     return "\n".join(out)

@@ -27,7 +27,9 @@ def pad_to(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _crop(image: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-    return np.ascontiguousarray(image[(slice(None),) + tuple(slice(s, s + t) for s, t in zip(start, shape, strict=True))])
+    return np.ascontiguousarray(
+        image[(slice(None),) + tuple(slice(s, s + t) for s, t in zip(start, shape, strict=True))]
+    )
 
 
 def sample_tiles(
@@ -55,13 +57,18 @@ def sample_tiles(
         targets = [pad_to(np.asarray(t, np.float32), tile_shape) for t in targets]
     total = n_calibration + n_holdout
     n_bg_allowed = int(np.floor(background_fraction * total))
-    medians = [float(np.median(im[(slice(None),) + tuple(slice(None, None, 4) for _ in tile_shape)])) for im in images]
+    medians = [
+        float(np.median(im[(slice(None),) + tuple(slice(None, None, 4) for _ in tile_shape)]))
+        for im in images
+    ]
 
     def draw(n: int) -> tuple[list, list[float]]:
         cand, scores = [], []
         for k in range(n):
             i = k % len(images)
-            start = tuple(int(rng.integers(0, s - t + 1)) for s, t in zip(images[i].shape[1:], tile_shape, strict=True))
+            start = tuple(
+                int(rng.integers(0, s - t + 1)) for s, t in zip(images[i].shape[1:], tile_shape, strict=True)
+            )
             cand.append((i, start))
             scores.append(float(np.abs(_crop(images[i], start, tile_shape) - medians[i]).mean()))
         return cand, scores

@@ -15,7 +15,9 @@ SHARED_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "unet
 REPO = Path(__file__).resolve().parents[1]
 
 
-def blobs(shape: tuple[int, ...], n: int = 12, seed: int = 0, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+def blobs(
+    shape: tuple[int, ...], n: int = 12, seed: int = 0, noise: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
     """A fluorescence-like image of gaussian nuclei on a dark background, and its foreground mask."""
     rng = np.random.default_rng(seed)
     grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
@@ -42,12 +44,19 @@ def tiny_unet(ndim: int):
     from monai.networks.nets import UNet
 
     torch.manual_seed(0)
-    return UNet(spatial_dims=ndim, in_channels=1, out_channels=1, channels=(4, 8, 16), strides=(2, 2),
-                num_res_units=1).eval()
+    return UNet(
+        spatial_dims=ndim, in_channels=1, out_channels=1, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
+    ).eval()
 
 
-TINY_UNET_KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [4, 8, 16],
-                    "strides": [2, 2], "num_res_units": 1}
+TINY_UNET_KWARGS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [4, 8, 16],
+    "strides": [2, 2],
+    "num_res_units": 1,
+}
 
 
 @pytest.fixture
@@ -74,5 +83,11 @@ def images2d(tmp_path) -> tuple[Path, Path]:
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "efficientbioai", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "efficientbioai", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )

@@ -28,7 +28,13 @@ def monai3d(tmp_path, images3d) -> dict:
     ckpt = tmp_path / "unet3d.pt"
     torch.save(tiny_unet(3).state_dict(), ckpt)
     return {
-        "model": {"kind": "monai", "name": "UNet", "kwargs": TINY_UNET_KWARGS, "checkpoint": str(ckpt), "axes": "bczyx"},
+        "model": {
+            "kind": "monai",
+            "name": "UNet",
+            "kwargs": TINY_UNET_KWARGS,
+            "checkpoint": str(ckpt),
+            "axes": "bczyx",
+        },
         "calibration": {"images": str(images3d / "*.tif"), "num_tiles": 8, "tile_shape": [16, 32, 32]},
         "quantize": {"precision": "int8"},
         "fidelity": {"num_tiles": 4},
@@ -47,7 +53,9 @@ def test_cli_compresses_3d_monai_unet_to_int8(tmp_path, monai3d):
     assert m["precision"] == "int8"
     assert m["input"]["axes"] == "bczyx" and m["input"]["tile_step"] == [4, 4, 4]
     assert [t["step"] for t in m["transformations"]] == ["export_onnx", "onnxslim", "quantize_int8"]
-    assert m["engines"]["openvino"]["precision"] == "fp32"  # float parts pinned to fp32, not OpenVINO's bf16 default
+    assert (
+        m["engines"]["openvino"]["precision"] == "fp32"
+    )  # float parts pinned to fp32, not OpenVINO's bf16 default
     assert m["fidelity"]["pearson"] > 0.95
     for rel, digest in m["files"].items():
         assert sha256(out / rel) == digest
@@ -57,7 +65,13 @@ def test_cli_compresses_3d_monai_unet_to_int8(tmp_path, monai3d):
     xml = (out / "openvino" / "model.xml").read_text()
     assert "FakeQuantize" in xml or 'element_type="i8"' in xml
     # and it runs on a shape it was not calibrated on
-    assert OpenVINOEngine(out / "openvino" / "model.xml")(np.zeros((2, 1, 8, 24, 40), np.float32)).shape == (2, 1, 8, 24, 40)
+    assert OpenVINOEngine(out / "openvino" / "model.xml")(np.zeros((2, 1, 8, 24, 40), np.float32)).shape == (
+        2,
+        1,
+        8,
+        24,
+        40,
+    )
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
@@ -65,14 +79,22 @@ def test_cli_2d_torchscript_bf16_with_targets(tmp_path, images2d):
     imgs, masks = images2d
     path = tmp_path / "net2d.pt"
     torch.jit.save(torch.jit.script(tiny_unet(2)), path)
-    cfg = write_config(tmp_path / "c.yaml", {
-        "model": {"kind": "torchscript", "path": str(path), "axes": "bcyx"},
-        "calibration": {"images": str(imgs), "targets": str(masks), "num_tiles": 4, "tile_shape": [64, 64]},
-        "quantize": {"precision": "bf16"},
-        "fidelity": {"task": "semantic", "threshold": 0.0, "num_tiles": 3},
-        "engine": {"latency_repeats": 2},
-        "output": "runs/net2d_bf16",
-    })
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "model": {"kind": "torchscript", "path": str(path), "axes": "bcyx"},
+            "calibration": {
+                "images": str(imgs),
+                "targets": str(masks),
+                "num_tiles": 4,
+                "tile_shape": [64, 64],
+            },
+            "quantize": {"precision": "bf16"},
+            "fidelity": {"task": "semantic", "threshold": 0.0, "num_tiles": 3},
+            "engine": {"latency_repeats": 2},
+            "output": "runs/net2d_bf16",
+        },
+    )
     proc = run_cli("compress", "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     m = read_manifest(tmp_path / "runs" / "net2d_bf16")
@@ -114,14 +136,16 @@ def test_invalid_tile_shape_names_a_valid_one(tmp_path, monai3d):
 
 
 def test_bioimageio_int8_matches_original_on_its_test_input(shared_model, tmp_path):
-    cfg = validate_config({
-        "model": {"kind": "bioimageio", "path": str(shared_model)},
-        "calibration": {"num_tiles": 16, "tile_shape": [256, 256]},
-        "quantize": {"precision": "int8"},
-        "fidelity": {"task": "semantic", "max_pearson_drop": 0.01},
-        "engine": {"latency_repeats": 2},
-        "output": str(tmp_path / "unet2d_int8"),
-    })
+    cfg = validate_config(
+        {
+            "model": {"kind": "bioimageio", "path": str(shared_model)},
+            "calibration": {"num_tiles": 16, "tile_shape": [256, 256]},
+            "quantize": {"precision": "int8"},
+            "fidelity": {"task": "semantic", "max_pearson_drop": 0.01},
+            "engine": {"latency_repeats": 2},
+            "output": str(tmp_path / "unet2d_int8"),
+        }
+    )
     with pytest.warns(UserWarning, match="own test tensors"):
         result = compress(cfg, quiet=True)
     m = result.manifest
@@ -131,7 +155,9 @@ def test_bioimageio_int8_matches_original_on_its_test_input(shared_model, tmp_pa
 
     _, loaded = load_model(cfg.model)
     x = apply_steps(loaded.sample_inputs[0], m["input"]["preprocessing"], "bcyx")
-    ref = apply_steps(loaded.module(torch.from_numpy(x)).detach().numpy(), m["output"]["postprocessing"], "bcyx")
+    ref = apply_steps(
+        loaded.module(torch.from_numpy(x)).detach().numpy(), m["output"]["postprocessing"], "bcyx"
+    )
     out = apply_steps(engine(x), m["output"]["postprocessing"], "bcyx")
     from efficientbioai.metrics import iou, pearson
 
@@ -142,7 +168,8 @@ def test_bioimageio_int8_matches_original_on_its_test_input(shared_model, tmp_pa
 
 
 def test_fidelity_error_is_raised_by_the_library(tmp_path, monai3d):
-    cfg = validate_config(dict(monai3d, fidelity={"num_tiles": 2, "max_pearson_drop": 0.0},
-                               quantize={"precision": "int8"}))
+    cfg = validate_config(
+        dict(monai3d, fidelity={"num_tiles": 2, "max_pearson_drop": 0.0}, quantize={"precision": "int8"})
+    )
     with pytest.raises(FidelityError, match="Pearson drop"):
         compress(cfg, quiet=True)

@@ -16,8 +16,12 @@ def test_misspelled_key_is_named_with_suggestion(tmp_path):
 
 def test_wrong_type_missing_file_and_missing_key(tmp_path):
     with pytest.raises(ConfigError) as err:
-        validate_config({"model": {"kind": "torchscript", "path": str(tmp_path / "nope.pt"), "axes": "bcyx"},
-                         "calibration": {"num_tiles": "many"}})
+        validate_config(
+            {
+                "model": {"kind": "torchscript", "path": str(tmp_path / "nope.pt"), "axes": "bcyx"},
+                "calibration": {"num_tiles": "many"},
+            }
+        )
     msg = str(err.value)
     assert "model.path: file not found" in msg
     assert "calibration.num_tiles" in msg
@@ -28,8 +32,13 @@ def test_kind_requirements_and_tensorrt_not_yet(tmp_path):
     with pytest.raises(ConfigError, match="kind 'monai' needs 'model.name'"):
         validate_config({"model": {"kind": "monai", "axes": "bczyx"}, "output": "o"})
     with pytest.raises(ConfigError, match="TensorRT engines are not available yet"):
-        validate_config({"model": {"kind": "monai", "name": "UNet", "axes": "bczyx"}, "output": "o",
-                         "export": {"targets": ["tensorrt"]}})
+        validate_config(
+            {
+                "model": {"kind": "monai", "name": "UNet", "axes": "bczyx"},
+                "output": "o",
+                "export": {"targets": ["tensorrt"]},
+            }
+        )
 
 
 def test_yaml_errors(tmp_path):

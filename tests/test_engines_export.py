@@ -47,7 +47,9 @@ def test_openvino_reports_the_precision_it_really_runs(exported):
 def test_latency_helper_counts_repeats():
     calls = []
     stats = median_latency_ms(calls.append, np.zeros(1), warmup=2, repeats=5)
-    assert len(calls) == 7 and stats["repeats"] == 5 and stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
+    assert (
+        len(calls) == 7 and stats["repeats"] == 5 and stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
+    )
 
 
 class NotExportable(torch.nn.Module):

@@ -42,7 +42,9 @@ def test_torchscript_loads_and_probes_tile_step(tmp_path):
     assert loaded.tile_step == [4, 4]  # two stride-2 levels
     assert loaded.in_channels == 1
     x = np.random.default_rng(0).random((1, 1, 32, 32)).astype(np.float32)
-    np.testing.assert_allclose(TorchEngine(loaded.module)(x), net(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        TorchEngine(loaded.module)(x), net(torch.from_numpy(x)).detach().numpy(), atol=1e-5
+    )
 
 
 def test_state_dict_is_not_torchscript(tmp_path):
@@ -56,7 +58,9 @@ def test_monai_checkpoint_round_trip_and_mismatch(tmp_path):
     net = tiny_unet(3)
     ckpt = tmp_path / "w.pt"
     torch.save(net.state_dict(), ckpt)
-    _, loaded = load_model(ModelConfig(kind="monai", name="UNet", kwargs=TINY_UNET_KWARGS, checkpoint=ckpt, axes="bczyx"))
+    _, loaded = load_model(
+        ModelConfig(kind="monai", name="UNet", kwargs=TINY_UNET_KWARGS, checkpoint=ckpt, axes="bczyx")
+    )
     x = torch.rand(1, 1, 16, 32, 32)
     torch.testing.assert_close(loaded.module(x), net(x))
     assert loaded.source["sha256"] and loaded.tile_step == [4, 4, 4]
@@ -82,7 +86,11 @@ def test_bioimageio_package_reproduces_its_test_output(shared_model):
     _, loaded = load_model(ModelConfig(kind="bioimageio", path=shared_model))
     assert loaded.axes == "bcyx" and loaded.source["weights"] == "torchscript"
     assert loaded.halo == [32, 32] and loaded.tile_step == [8, 8]
-    assert [s["id"] for s in loaded.preprocessing] == ["ensure_dtype", "zero_mean_unit_variance", "ensure_dtype"]
+    assert [s["id"] for s in loaded.preprocessing] == [
+        "ensure_dtype",
+        "zero_mean_unit_variance",
+        "ensure_dtype",
+    ]
     x = apply_steps(loaded.sample_inputs[0], loaded.preprocessing, loaded.axes)
     y = apply_steps(TorchEngine(loaded.module)(x), loaded.postprocessing, loaded.axes)
     np.testing.assert_allclose(y, loaded.sample_outputs[0], atol=1e-4)
@@ -115,7 +123,7 @@ def test_onnx_file_that_is_not_onnx(tmp_path):
         load_model(ModelConfig(kind="onnx", path=bad, axes="bcyx"))
 
 
-ARCH_PY = '''
+ARCH_PY = """
 import torch
 
 
@@ -127,7 +135,7 @@ class TinyNet(torch.nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
-'''
+"""
 
 
 def test_bioimageio_state_dict_package_with_architecture_source(tmp_path):
@@ -143,17 +151,39 @@ def test_bioimageio_state_dict_package_with_architecture_source(tmp_path):
     net = mod.TinyNet(channels=3)
     torch.save(net.state_dict(), tmp_path / "weights.pt")
     rdf = {
-        "format_version": "0.5.4", "type": "model", "name": "tiny",
-        "inputs": [{"id": "raw", "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["raw"]},
-                                          {"type": "space", "id": "y", "size": {"min": 16, "step": 8}},
-                                          {"type": "space", "id": "x", "size": {"min": 16, "step": 8}}],
-                    "preprocessing": [{"id": "scale_linear", "kwargs": {"gain": 2.0, "offset": 0.0}}]}],
-        "outputs": [{"id": "out", "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["p"]},
-                                           {"type": "space", "id": "y", "halo": 2, "size": {"tensor_id": "raw", "axis_id": "y"}},
-                                           {"type": "space", "id": "x", "halo": 2, "size": {"tensor_id": "raw", "axis_id": "x"}}],
-                     "postprocessing": [{"id": "sigmoid"}]}],
-        "weights": {"pytorch_state_dict": {"source": "weights.pt", "architecture": {
-            "source": "tiny_arch.py", "callable": "TinyNet", "kwargs": {"channels": 3}}}},
+        "format_version": "0.5.4",
+        "type": "model",
+        "name": "tiny",
+        "inputs": [
+            {
+                "id": "raw",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["raw"]},
+                    {"type": "space", "id": "y", "size": {"min": 16, "step": 8}},
+                    {"type": "space", "id": "x", "size": {"min": 16, "step": 8}},
+                ],
+                "preprocessing": [{"id": "scale_linear", "kwargs": {"gain": 2.0, "offset": 0.0}}],
+            }
+        ],
+        "outputs": [
+            {
+                "id": "out",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["p"]},
+                    {"type": "space", "id": "y", "halo": 2, "size": {"tensor_id": "raw", "axis_id": "y"}},
+                    {"type": "space", "id": "x", "halo": 2, "size": {"tensor_id": "raw", "axis_id": "x"}},
+                ],
+                "postprocessing": [{"id": "sigmoid"}],
+            }
+        ],
+        "weights": {
+            "pytorch_state_dict": {
+                "source": "weights.pt",
+                "architecture": {"source": "tiny_arch.py", "callable": "TinyNet", "kwargs": {"channels": 3}},
+            }
+        },
     }
     (tmp_path / "bioimageio.yaml").write_text(yaml.safe_dump(rdf))
     _, loaded = load_model(ModelConfig(kind="bioimageio", path=tmp_path))

@@ -33,11 +33,18 @@ def test_scale_range_percentiles():
 
 def test_scale_linear_clip_sigmoid_binarize_dtype():
     x = np.array([-2.0, 0.0, 2.0], np.float32).reshape(1, 1, 1, 3)
-    np.testing.assert_allclose(apply_steps(x, steps(("scale_linear", {"gain": 2, "offset": 1})), "bcyx").ravel(), [-3, 1, 5])
-    np.testing.assert_allclose(apply_steps(x, steps(("clip", {"min": -1, "max": 1})), "bcyx").ravel(), [-1, 0, 1])
-    np.testing.assert_allclose(apply_steps(x, steps(("sigmoid", {})), "bcyx").ravel(),
-                               1 / (1 + np.exp([2.0, 0.0, -2.0])), rtol=1e-6)
-    np.testing.assert_array_equal(apply_steps(x, steps(("binarize", {"threshold": 0.5})), "bcyx").ravel(), [0, 0, 1])
+    np.testing.assert_allclose(
+        apply_steps(x, steps(("scale_linear", {"gain": 2, "offset": 1})), "bcyx").ravel(), [-3, 1, 5]
+    )
+    np.testing.assert_allclose(
+        apply_steps(x, steps(("clip", {"min": -1, "max": 1})), "bcyx").ravel(), [-1, 0, 1]
+    )
+    np.testing.assert_allclose(
+        apply_steps(x, steps(("sigmoid", {})), "bcyx").ravel(), 1 / (1 + np.exp([2.0, 0.0, -2.0])), rtol=1e-6
+    )
+    np.testing.assert_array_equal(
+        apply_steps(x, steps(("binarize", {"threshold": 0.5})), "bcyx").ravel(), [0, 0, 1]
+    )
     assert apply_steps(x, steps(("ensure_dtype", {"dtype": "uint8"})), "bcyx").dtype == np.uint8
 
 

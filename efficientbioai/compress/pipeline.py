@@ -70,11 +70,16 @@ def read_calibration_images(cfg: CompressConfig, loaded: LoadedModel):
             "calibrate better and check fidelity on the data that matters",
             stacklevel=2,
         )
-        raw = [to_model_layout(np.asarray(x), loaded.axes, loaded.axes, "test tensor") for x in loaded.sample_inputs]
+        raw = [
+            to_model_layout(np.asarray(x), loaded.axes, loaded.axes, "test tensor")
+            for x in loaded.sample_inputs
+        ]
         names = ["package test tensor"]
     else:
         files = expand_paths(cal.images, "calibration.images")
-        raw = [to_model_layout(read_image(f), cal.axes, loaded.axes, f"calibration.images: {f}") for f in files]
+        raw = [
+            to_model_layout(read_image(f), cal.axes, loaded.axes, f"calibration.images: {f}") for f in files
+        ]
         names = [str(f) for f in files]
     for x, name in zip(raw, names, strict=False):
         if x.shape[0] != loaded.in_channels:
@@ -92,7 +97,9 @@ def read_calibration_images(cfg: CompressConfig, loaded: LoadedModel):
                 f"calibration.targets: {len(tfiles)} target file(s) for {len(images)} image(s)",
                 "give one target per calibration image, in the same (sorted) order",
             )
-        targets = [to_model_layout(read_image(f), None, loaded.axes, f"calibration.targets: {f}") for f in tfiles]
+        targets = [
+            to_model_layout(read_image(f), None, loaded.axes, f"calibration.targets: {f}") for f in tfiles
+        ]
         for t, x, f in zip(targets, images, tfiles, strict=True):
             if t.shape[1:] != x.shape[1:]:
                 raise EfficientBioAIError(
@@ -110,7 +117,9 @@ def round_up(size: int, tmin: int, step: int) -> int:
     return tmin + max(0, -(-(size - tmin) // step)) * step
 
 
-def resolve_tile_shape(requested: list[int] | None, loaded: LoadedModel, images: list[np.ndarray]) -> tuple[int, ...]:
+def resolve_tile_shape(
+    requested: list[int] | None, loaded: LoadedModel, images: list[np.ndarray]
+) -> tuple[int, ...]:
     """The calibration tile shape: the requested one (checked) or a valid default no larger than needed."""
     tmin, step = loaded.tile_min, loaded.tile_step
     if requested is not None:
@@ -119,7 +128,11 @@ def resolve_tile_shape(requested: list[int] | None, loaded: LoadedModel, images:
                 f"calibration.tile_shape: {requested} has {len(requested)} values but the model is {loaded.ndim}D "
                 f"(axes '{loaded.spatial_axes}')",
             )
-        bad = [i for i, (t, m, s) in enumerate(zip(requested, tmin, step, strict=True)) if not valid_size(t, m, s)]
+        bad = [
+            i
+            for i, (t, m, s) in enumerate(zip(requested, tmin, step, strict=True))
+            if not valid_size(t, m, s)
+        ]
         if bad:
             suggestion = [round_up(t, m, s) for t, m, s in zip(requested, tmin, step, strict=True)]
             raise ConfigError(
@@ -130,14 +143,19 @@ def resolve_tile_shape(requested: list[int] | None, loaded: LoadedModel, images:
         return tuple(requested)
     preferred = loaded.preferred_tile or DEFAULT_TILE[loaded.ndim]
     smallest = [min(im.shape[1 + i] for im in images) for i in range(loaded.ndim)]
-    return tuple(round_up(min(p, s), m, st) for p, s, m, st in zip(preferred, smallest, tmin, step, strict=True))
+    return tuple(
+        round_up(min(p, s), m, st) for p, s, m, st in zip(preferred, smallest, tmin, step, strict=True)
+    )
 
 
 # ------------------------------------------------------------------------------------------ fidelity
 
 
 def _crop_halo(x: np.ndarray, halo: list[int]) -> np.ndarray:
-    sl = tuple(slice(h, -h if h else None) if 2 * h < n else slice(None) for h, n in zip(halo, x.shape[2:], strict=True))
+    sl = tuple(
+        slice(h, -h if h else None) if 2 * h < n else slice(None)
+        for h, n in zip(halo, x.shape[2:], strict=True)
+    )
     return x[(slice(None), slice(None)) + sl]
 
 
@@ -147,7 +165,12 @@ def run_tiles(engine: Engine, tiles: list[np.ndarray], loaded: LoadedModel) -> n
     return np.concatenate(outs, axis=0)
 
 
-def fidelity_figures(ref: np.ndarray, out: np.ndarray, targets: np.ndarray | None, cfg, ) -> dict[str, Any]:
+def fidelity_figures(
+    ref: np.ndarray,
+    out: np.ndarray,
+    targets: np.ndarray | None,
+    cfg,
+) -> dict[str, Any]:
     fig: dict[str, Any] = {
         "relative_l2": metrics.relative_l2(out, ref),
         "pearson": metrics.pearson(out, ref),
@@ -171,9 +194,13 @@ def check_limits(fig: dict[str, Any], cfg: CompressConfig) -> list[str]:
     f = cfg.fidelity
     problems = []
     if f.max_pearson_drop is not None and 1 - fig["pearson"] > f.max_pearson_drop:
-        problems.append(f"Pearson drop {1 - fig['pearson']:.4g} > fidelity.max_pearson_drop {f.max_pearson_drop}")
+        problems.append(
+            f"Pearson drop {1 - fig['pearson']:.4g} > fidelity.max_pearson_drop {f.max_pearson_drop}"
+        )
     if f.max_relative_l2 is not None and fig["relative_l2"] > f.max_relative_l2:
-        problems.append(f"relative L2 {fig['relative_l2']:.4g} > fidelity.max_relative_l2 {f.max_relative_l2}")
+        problems.append(
+            f"relative L2 {fig['relative_l2']:.4g} > fidelity.max_relative_l2 {f.max_relative_l2}"
+        )
     if f.max_metric_drop is not None:
         if "compressed_metric" not in fig:
             raise ConfigError(
@@ -191,7 +218,9 @@ def package_test(ref_engine: Engine, engine: Engine, loaded: LoadedModel) -> dic
     if not loaded.sample_inputs or not loaded.sample_outputs:
         return None
     x = to_model_layout(np.asarray(loaded.sample_inputs[0]), loaded.axes, loaded.axes, "test tensor")
-    if not all(valid_size(s, m, st) for s, m, st in zip(x.shape[1:], loaded.tile_min, loaded.tile_step, strict=True)):
+    if not all(
+        valid_size(s, m, st) for s, m, st in zip(x.shape[1:], loaded.tile_min, loaded.tile_step, strict=True)
+    ):
         return None
     x = preprocess(x, loaded)[np.newaxis]
     expected = np.asarray(loaded.sample_outputs[0], np.float32)
@@ -218,10 +247,15 @@ class CompressResult:
     def table(self) -> str:
         m = self.manifest
         fid = m["fidelity"]
-        lines = [table(["", "original", "compressed", "ratio"], self.rows,
-                       title=f"{m['model']['name']}: {m['engines']['primary']['backend']} {m['precision']} "
-                             f"(float parts run in {m['engines']['primary']['precision']}), "
-                             f"{m['engines']['primary']['threads']} threads")]
+        lines = [
+            table(
+                ["", "original", "compressed", "ratio"],
+                self.rows,
+                title=f"{m['model']['name']}: {m['engines']['primary']['backend']} {m['precision']} "
+                f"(float parts run in {m['engines']['primary']['precision']}), "
+                f"{m['engines']['primary']['threads']} threads",
+            )
+        ]
         lines.append(
             f"fidelity on {fid['tiles']} held-out tiles: Pearson r {fid['pearson']:.5f}, relative L2 "
             f"{fid['relative_l2']:.4g}" + (f", mask IoU {fid['mask_iou']:.4f}" if "mask_iou" in fid else "")
@@ -317,8 +351,18 @@ def compress(cfg: CompressConfig, *, quiet: bool = False) -> CompressResult:
     return CompressResult(output=out, manifest=manifest, rows=rows)
 
 
-def _build(cfg, parser, loaded: LoadedModel, calib: Tiles, holdout: Tiles, tile_shape, image_names, threads, tmp: Path,
-           quiet: bool) -> dict[str, Any]:
+def _build(
+    cfg,
+    parser,
+    loaded: LoadedModel,
+    calib: Tiles,
+    holdout: Tiles,
+    tile_shape,
+    image_names,
+    threads,
+    tmp: Path,
+    quiet: bool,
+) -> dict[str, Any]:
     q = cfg.quantize
     transformations: list[dict[str, Any]] = []
     onnx_path = tmp / "model.onnx"
@@ -327,7 +371,9 @@ def _build(cfg, parser, loaded: LoadedModel, calib: Tiles, holdout: Tiles, tile_
     _log("[3/6] exporting to ONNX", quiet)
     if loaded.module is not None:
         export_onnx(loaded.module, example, onnx_path, loaded.axes, cfg.export.opset)
-        transformations.append({"step": "export_onnx", "opset": cfg.export.opset, "dynamic_axes": "batch+spatial"})
+        transformations.append(
+            {"step": "export_onnx", "opset": cfg.export.opset, "dynamic_axes": "batch+spatial"}
+        )
     else:
         copy_onnx(loaded.onnx_path, onnx_path)
         transformations.append({"step": "onnx_dynamic_axes", "dynamic_axes": "batch+spatial"})
@@ -355,22 +401,40 @@ def _build(cfg, parser, loaded: LoadedModel, calib: Tiles, holdout: Tiles, tile_
 
     engines: dict[str, Any] = {"onnx": {"path": "model.onnx", "precision": "fp32", "backend": "onnxruntime"}}
     if "openvino" in cfg.export.targets:
-        _log("[4/6] converting to OpenVINO" + (" and quantizing to int8 (NNCF)" if q.precision == "int8" else ""), quiet)
+        _log(
+            "[4/6] converting to OpenVINO"
+            + (" and quantizing to int8 (NNCF)" if q.precision == "int8" else ""),
+            quiet,
+        )
         ov_model = to_openvino(onnx_path)
         if q.precision == "int8":
             tiles = parser.calibration_tiles(calib.inputs)
             ov_model = quantize_int8(ov_model, tiles, q)
-            transformations.append({
-                "step": "quantize_int8", "tool": "nncf", "preset": q.preset, "per_channel": q.per_channel,
-                "fast_bias_correction": q.fast_bias_correction, "keep_float": q.keep_float,
-                "keep_float_types": q.keep_float_types, "calibration_tiles": len(tiles),
-            })
-        xml = save_openvino(ov_model, tmp / "openvino" / "model.xml",
-                            compress_weights_to_fp16=q.precision in ("fp16", "bf16"))
+            transformations.append(
+                {
+                    "step": "quantize_int8",
+                    "tool": "nncf",
+                    "preset": q.preset,
+                    "per_channel": q.per_channel,
+                    "fast_bias_correction": q.fast_bias_correction,
+                    "keep_float": q.keep_float,
+                    "keep_float_types": q.keep_float_types,
+                    "calibration_tiles": len(tiles),
+                }
+            )
+        xml = save_openvino(
+            ov_model, tmp / "openvino" / "model.xml", compress_weights_to_fp16=q.precision in ("fp16", "bf16")
+        )
         engine = OpenVINOEngine(xml, q.precision, threads)
         if q.precision in ("fp16", "bf16"):
-            transformations.append({"step": "engine_precision", "requested": q.precision, "runs": engine.precision,
-                                    "weights_stored_as": "fp16"})
+            transformations.append(
+                {
+                    "step": "engine_precision",
+                    "requested": q.precision,
+                    "runs": engine.precision,
+                    "weights_stored_as": "fp16",
+                }
+            )
         engines["openvino"] = {"path": "openvino/model.xml", **engine.describe()}
         engines["primary"] = engines["openvino"]
     else:
@@ -384,8 +448,11 @@ def _build(cfg, parser, loaded: LoadedModel, calib: Tiles, holdout: Tiles, tile_
     tgt = None
     if holdout.targets:
         tgt = np.concatenate([_crop_halo(t[np.newaxis], loaded.halo) for t in holdout.targets], axis=0)
-    fidelity = {"tiles": len(holdout.inputs), "background_tiles": holdout.background,
-                **fidelity_figures(ref_out, eng_out, tgt, cfg)}
+    fidelity = {
+        "tiles": len(holdout.inputs),
+        "background_tiles": holdout.background,
+        **fidelity_figures(ref_out, eng_out, tgt, cfg),
+    }
     pkg = package_test(ref_engine, engine, loaded)
 
     _log("[6/6] measuring latency per tile", quiet)
@@ -404,7 +471,10 @@ def _build(cfg, parser, loaded: LoadedModel, calib: Tiles, holdout: Tiles, tile_
         )
 
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    compressed_bytes = sum((tmp / f).stat().st_size for f in files if f.startswith("openvino/")) or (tmp / "model.onnx").stat().st_size
+    compressed_bytes = (
+        sum((tmp / f).stat().st_size for f in files if f.startswith("openvino/"))
+        or (tmp / "model.onnx").stat().st_size
+    )
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -457,12 +527,22 @@ def _rows(m: dict[str, Any]) -> list[list[Any]]:
         ["engine", f"{o['backend']} fp32", f"{c['backend']} {m['precision']}", ""],
         ["parameters", human_count(size["parameters"]), human_count(size["parameters"]), ""],
         ["file size", human_bytes(ob), human_bytes(cb), f"{ob / cb:.2f}x smaller" if ob else ""],
-        [f"latency / tile {tuple(lat['tile_shape'])}", f"{o['median_ms']:.1f} ms", f"{c['median_ms']:.1f} ms",
-         f"{o['median_ms'] / c['median_ms']:.2f}x faster"],
+        [
+            f"latency / tile {tuple(lat['tile_shape'])}",
+            f"{o['median_ms']:.1f} ms",
+            f"{c['median_ms']:.1f} ms",
+            f"{o['median_ms'] / c['median_ms']:.2f}x faster",
+        ],
         ["Pearson r vs original", "1", f"{fid['pearson']:.5f}", ""],
         ["relative L2 vs original", "0", f"{fid['relative_l2']:.2e}", ""],
     ]
     if "compressed_metric" in fid:
-        rows.append([fid["metric"], f"{fid['original_metric']:.4f}", f"{fid['compressed_metric']:.4f}",
-                     f"{fid['compressed_metric'] - fid['original_metric']:+.4f}"])
+        rows.append(
+            [
+                fid["metric"],
+                f"{fid['original_metric']:.4f}",
+                f"{fid['compressed_metric']:.4f}",
+                f"{fid['compressed_metric'] - fid['original_metric']:+.4f}",
+            ]
+        )
     return rows

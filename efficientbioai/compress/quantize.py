@@ -10,7 +10,9 @@ from efficientbioai.config import QuantizeConfig
 from efficientbioai.errors import ConfigError, ExportError
 
 
-def layer_names(ov_model, types: tuple[str, ...] = ("Convolution", "ConvolutionBackpropData", "MatMul")) -> list[str]:
+def layer_names(
+    ov_model, types: tuple[str, ...] = ("Convolution", "ConvolutionBackpropData", "MatMul")
+) -> list[str]:
     """Names of the layers NNCF can quantize, as ``quantize.keep_float`` patterns match them."""
     return [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in types]
 
@@ -29,9 +31,12 @@ def quantize_int8(ov_model, tiles: list[np.ndarray], cfg: QuantizeConfig):
                 f"quantize.keep_float: '{pattern}' matches no layer",
                 f"patterns are regular expressions over the full layer names, e.g. '.*{names[0]}.*'; "
                 f"the layers are: {', '.join(names[:12])}{' …' if len(names) > 12 else ''}"
-                if names else "this model has no quantizable layers",
+                if names
+                else "this model has no quantizable layers",
             )
-    ignored = nncf.IgnoredScope(patterns=list(cfg.keep_float), types=list(cfg.keep_float_types), validate=False)
+    ignored = nncf.IgnoredScope(
+        patterns=list(cfg.keep_float), types=list(cfg.keep_float_types), validate=False
+    )
     advanced = AdvancedQuantizationParameters(
         weights_quantization_params=QuantizationParameters(per_channel=cfg.per_channel)
     )

@@ -26,8 +26,13 @@ class OpenVINOEngine(Engine):
 
     backend = "openvino"
 
-    def __init__(self, model: str | Path | Any, precision: str = "fp32", threads: int | None = None,
-                 device: str = "CPU"):
+    def __init__(
+        self,
+        model: str | Path | Any,
+        precision: str = "fp32",
+        threads: int | None = None,
+        device: str = "CPU",
+    ):
         import openvino as ov
 
         self.core = ov.Core()

@@ -208,9 +208,13 @@ def load_model(config: ModelConfig) -> tuple[BaseParser, LoadedModel]:
     parser = get_parser(config.kind)(config)
     loaded = parser.load()
     if not isinstance(loaded, LoadedModel):
-        raise ModelLoadError(f"{type(parser).__name__}.load() must return a LoadedModel, got {type(loaded).__name__}")
+        raise ModelLoadError(
+            f"{type(parser).__name__}.load() must return a LoadedModel, got {type(loaded).__name__}"
+        )
     if (loaded.module is None) == (loaded.onnx_path is None):
         raise ModelLoadError(f"{type(parser).__name__}.load() must set exactly one of module / onnx_path")
     if loaded.axes not in ("bcyx", "bczyx"):
-        raise ModelLoadError(f"model axes '{loaded.axes}' are not supported", "use 'bcyx' (2D) or 'bczyx' (3D)")
+        raise ModelLoadError(
+            f"model axes '{loaded.axes}' are not supported", "use 'bcyx' (2D) or 'bczyx' (3D)"
+        )
     return parser, complete(loaded, config)

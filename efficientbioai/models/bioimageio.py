@@ -38,7 +38,11 @@ def find_rdf(path: Path) -> Path:
     for name in ("bioimageio.yaml", "rdf.yaml"):
         if (path / name).is_file():
             return path / name
-    found = sorted(path.glob("*.bioimageio.yaml")) + sorted(path.glob("*/bioimageio.yaml")) + sorted(path.glob("*/rdf.yaml"))
+    found = (
+        sorted(path.glob("*.bioimageio.yaml"))
+        + sorted(path.glob("*/bioimageio.yaml"))
+        + sorted(path.glob("*/rdf.yaml"))
+    )
     if found:
         return found[0]
     raise ModelLoadError(
@@ -213,7 +217,9 @@ class BioImageIOParser(BaseParser):
             module = load_torchscript(weights_path)
         elif fmt == "pytorch_state_dict":
             fn, kwargs = pkg._architecture(entry)
-            module = load_state_dict_into(build(fn, kwargs, "the package architecture"), weights_path, "the package")
+            module = load_state_dict_into(
+                build(fn, kwargs, "the package architecture"), weights_path, "the package"
+            )
         else:
             onnx_path = Path(tempfile.mkdtemp(prefix="efficientbioai-onnx-")) / "dynamic.onnx"
             make_dynamic(weights_path, onnx_path, axes)

@@ -40,7 +40,9 @@ def load_state_dict_into(module, checkpoint: Path, label: str):
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise ModelLoadError(f"model.checkpoint: {checkpoint} holds a {type(state).__name__}, not a state dict")
+        raise ModelLoadError(
+            f"model.checkpoint: {checkpoint} holds a {type(state).__name__}, not a state dict"
+        )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         module.load_state_dict(state, strict=True)
