@@ -173,3 +173,25 @@ def test_fidelity_error_is_raised_by_the_library(tmp_path, monai3d):
     )
     with pytest.raises(FidelityError, match="Pearson drop"):
         compress(cfg, quiet=True)
+
+
+def test_onnx_file_with_fixed_shapes_is_quantized_on_the_openvino_side(tmp_path, images2d):
+    imgs, _ = images2d
+    net = tiny_unet(2)
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 96, 96),), str(path), opset_version=17, dynamo=False)
+    cfg = validate_config(
+        {
+            "model": {"kind": "onnx", "path": str(path), "axes": "bcyx"},
+            "calibration": {"images": str(imgs), "num_tiles": 4, "tile_shape": [48, 64]},
+            "fidelity": {"num_tiles": 2, "max_pearson_drop": 0.05},
+            "engine": {"latency_repeats": 2},
+            "output": str(tmp_path / "onnx_int8"),
+        }
+    )
+    result = compress(cfg, quiet=True)
+    m = result.manifest
+    assert m["model"]["weights"] == "onnx" and m["input"]["tile_step"] == [4, 4]
+    assert m["latency"]["original"]["backend"] == "onnxruntime"
+    assert [t["step"] for t in m["transformations"]][0] == "onnx_dynamic_axes"
+    assert m["fidelity"]["pearson"] > 0.95
