@@ -111,6 +111,23 @@ def register_parser(kind: str):
     return deco
 
 
+def import_object(spec: str, key: str, error: type[Exception] = ModelLoadError):
+    """The object named ``"package.module:name"``; ``key`` is the config key reported on failure."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise error(f"{key}: '{spec}' must look like 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise error(
+            f"{key}: cannot import '{module_name}' ({exc})",
+            "install the package that defines it, or add its folder to PYTHONPATH",
+        ) from exc
+    if not hasattr(module, attr):
+        raise error(f"{key}: '{module_name}' has no '{attr}'")
+    return getattr(module, attr)
+
+
 def get_parser(kind: str) -> type[BaseParser]:
     """The parser class for ``kind``: a registered name or ``"package.module:Class"``."""
     if kind in PARSERS:
@@ -120,15 +137,7 @@ def get_parser(kind: str) -> type[BaseParser]:
             f"model.kind: unknown kind '{kind}'",
             f"use one of {', '.join(sorted(PARSERS))}, or your own parser as 'package.module:ParserClass'",
         )
-    module_name, _, attr = kind.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"model.kind: cannot import '{module_name}' ({exc})",
-            "install the package that defines your parser, or add its folder to PYTHONPATH",
-        ) from exc
-    cls = getattr(module, attr, None)
+    cls = import_object(kind, "model.kind", ConfigError)
     if not (isinstance(cls, type) and issubclass(cls, BaseParser)):
         raise ConfigError(
             f"model.kind: '{kind}' is not a BaseParser subclass",

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 from efficientbioai.errors import ModelLoadError
-from efficientbioai.models.base import BaseParser, LoadedModel, register_parser, sha256
+from efficientbioai.models.base import BaseParser, LoadedModel, import_object, register_parser, sha256
 
 
 def load_torchscript(path: Path):
@@ -56,19 +55,9 @@ def load_state_dict_into(module, checkpoint: Path, label: str):
 
 
 def import_callable(spec: str, key: str = "model.factory"):
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise ModelLoadError(f"{key}: '{spec}' must look like 'package.module:callable'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"{key}: cannot import '{module_name}' ({exc})",
-            "install the package that defines the network or add its folder to PYTHONPATH",
-        ) from exc
-    fn = getattr(module, attr, None)
+    fn = import_object(spec, key)
     if not callable(fn):
-        raise ModelLoadError(f"{key}: '{module_name}' has no callable '{attr}'")
+        raise ModelLoadError(f"{key}: '{spec}' is not callable")
     return fn
 
 
