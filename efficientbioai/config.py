@@ -198,6 +198,17 @@ class CompressConfig(_Strict):
     output: Path = Field(description="artifact directory to create")
     overwrite: bool = Field(False, description="replace an existing artifact directory")
 
+    @model_validator(mode="after")
+    def _metric_limit_needs_targets(self) -> CompressConfig:
+        if self.fidelity.max_metric_drop is not None and (
+            self.fidelity.task is None or self.calibration.targets is None
+        ):
+            raise ValueError(
+                "fidelity.max_metric_drop needs a task metric: set fidelity.task and calibration.targets, "
+                "or remove max_metric_drop"
+            )
+        return self
+
 
 def _format_errors(err: ValidationError, model: type[BaseModel], source: str) -> str:
     lines = [f"{source}: {err.error_count()} problem(s) in the configuration"]

@@ -66,3 +66,14 @@ def test_schema_and_help(tmp_path):
     assert "max_pearson_drop" in proc.stdout
     helptext = run_cli("compress", "--help", cwd=tmp_path).stdout
     assert "--config" in helptext and "precision" in helptext
+
+
+def test_metric_limit_without_targets_is_rejected_before_any_work():
+    with pytest.raises(ConfigError, match="max_metric_drop needs a task metric"):
+        validate_config(
+            {
+                "model": {"kind": "monai", "name": "UNet", "axes": "bczyx"},
+                "output": "o",
+                "fidelity": {"max_metric_drop": 0.01},
+            }
+        )

@@ -146,6 +146,17 @@ def get_parser(kind: str) -> type[BaseParser]:
     return cls
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for files a loaded model needs while the process runs; removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=f"efficientbioai-{prefix}-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

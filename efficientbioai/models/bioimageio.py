@@ -7,7 +7,6 @@ post-processing and test tensors; the weights are taken in the first usable form
 
 from __future__ import annotations
 
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import yaml
 
 from efficientbioai.errors import ModelLoadError
-from efficientbioai.models.base import BaseParser, LoadedModel, register_parser, sha256
+from efficientbioai.models.base import BaseParser, LoadedModel, register_parser, scratch_dir, sha256
 from efficientbioai.processing import normalize_steps
 
 WEIGHT_ORDER = ("torchscript", "pytorch_state_dict", "onnx")
@@ -28,7 +27,7 @@ def find_rdf(path: Path) -> Path:
     if path.is_file() and path.suffix.lower() == ".zip":
         try:
             with zipfile.ZipFile(path) as zf:
-                dst = Path(tempfile.mkdtemp(prefix="efficientbioai-bioimageio-"))
+                dst = scratch_dir("bioimageio")
                 zf.extractall(dst)
         except zipfile.BadZipFile as exc:
             raise ModelLoadError(f"{path} is not a valid zip archive", "re-download the package") from exc
@@ -145,7 +144,8 @@ class Package:
         load = [self.file(s) for s in ins if s], [self.file(s) for s in outs if s]
         return [np.load(p) for p in load[0] if p], [np.load(p) for p in load[1] if p]
 
-    def weights(self, prefer: str | None) -> tuple[str, dict[str, Any]]:
+    def weights(self, prefer: str | None) -> tuple[str, dict[str, Any], Any]:
+        """(format, weights entry, (constructor, kwargs) for pytorch_state_dict else None)."""
         entries = dict(self.doc.get("weights") or {})
         if "pytorch_script" in entries:  # format 0.4 name
             entries.setdefault("torchscript", entries.pop("pytorch_script"))
@@ -159,10 +159,11 @@ class Package:
             if self.file(str(entry.get("source", ""))) is None:
                 reasons.append(f"{fmt}: weights file '{entry.get('source')}' is not in the package")
                 continue
-            if fmt == "pytorch_state_dict" and self._architecture(entry) is None:
+            arch = self._architecture(entry) if fmt == "pytorch_state_dict" else None
+            if fmt == "pytorch_state_dict" and arch is None:
                 reasons.append(f"{fmt}: architecture '{entry.get('architecture')}' is not importable")
                 continue
-            return fmt, entry
+            return fmt, entry, arch
         raise ModelLoadError(
             f"{self.rdf}: no usable weights ({'; '.join(reasons)})",
             "choose another format with model.weights, or download the weights into the package folder",
@@ -210,18 +211,18 @@ class BioImageIOParser(BaseParser):
 
         pkg = Package(find_rdf(Path(self.config.path)))
         axes = pkg.axes()
-        fmt, entry = pkg.weights(self.config.weights)
+        fmt, entry, arch = pkg.weights(self.config.weights)
         weights_path = pkg.file(entry["source"])
         module = onnx_path = None
         if fmt == "torchscript":
             module = load_torchscript(weights_path)
         elif fmt == "pytorch_state_dict":
-            fn, kwargs = pkg._architecture(entry)
+            fn, kwargs = arch
             module = load_state_dict_into(
                 build(fn, kwargs, "the package architecture"), weights_path, "the package"
             )
         else:
-            onnx_path = Path(tempfile.mkdtemp(prefix="efficientbioai-onnx-")) / "dynamic.onnx"
+            onnx_path = scratch_dir("onnx") / "dynamic.onnx"
             make_dynamic(weights_path, onnx_path, axes)
         tile_min, tile_step, preferred = pkg.sizes()
         ins, outs = pkg.test_tensors()

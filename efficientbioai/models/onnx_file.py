@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from efficientbioai.errors import ModelLoadError
-from efficientbioai.models.base import BaseParser, LoadedModel, register_parser, sha256
+from efficientbioai.models.base import BaseParser, LoadedModel, register_parser, scratch_dir, sha256
 
 
 def make_dynamic(src: Path, dst: Path, axes: str) -> int:
@@ -50,10 +50,8 @@ class OnnxParser(BaseParser):
     """An ONNX file; the fidelity reference is the same file run in ONNX Runtime at fp32."""
 
     def load(self) -> LoadedModel:
-        import tempfile
-
         path = self.config.path
-        tmp = Path(tempfile.mkdtemp(prefix="efficientbioai-onnx-")) / "dynamic.onnx"
+        tmp = scratch_dir("onnx") / "dynamic.onnx"
         channels = make_dynamic(path, tmp, self.config.axes)
         return LoadedModel(
             onnx_path=tmp,
