@@ -210,6 +210,98 @@ class CompressConfig(_Strict):
         return self
 
 
+class BackgroundConfig(_Strict):
+    """Skipping tiles of flat background (off by default)."""
+
+    skip: bool = Field(
+        False, description="send flat-background tiles to no engine; they get a constant output"
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0,
+        description="a tile is background when the standard deviation of its raw input is below this "
+        "(default: estimated per image as 2 × the 10th percentile over its tiles)",
+    )
+
+
+class TilingConfig(_Strict):
+    """Sliding-window inference over whole images."""
+
+    tile_shape: list[int] | None = Field(
+        None, description="spatial tile shape, e.g. [256, 256] or [32, 128, 128] (default: the compress tile)"
+    )
+    overlap: float = Field(0.25, ge=0, lt=1, description="fraction of a tile shared with its neighbour")
+    blend: Literal["gaussian", "constant"] = Field(
+        "gaussian",
+        description="how overlapping tiles are weighted: gaussian (centre counts most) or constant",
+    )
+    batch_size: int = Field(1, ge=1, description="tiles per engine call")
+    background: BackgroundConfig = Field(default_factory=BackgroundConfig)
+
+
+class InstanceConfig(_Strict):
+    """task instance: how instances are made from the foreground probability."""
+
+    method: Literal["components", "watershed"] = Field(
+        "components", description="connected components, or a watershed that splits touching objects"
+    )
+    min_size: int = Field(0, ge=0, description="objects smaller than this many pixels are removed")
+
+
+class InferConfig(_Strict):
+    """`efficientbioai infer`: run a compressed engine over whole images."""
+
+    model: Path = Field(description="an artifact directory written by `efficientbioai compress`")
+    backend: Literal["openvino", "onnxruntime", "torch", "tensorrt"] | None = Field(
+        None,
+        description="engine to run: openvino | onnxruntime | torch (the original model) "
+        "(default: the best one in the artifact)",
+    )
+    input: str = Field(description="a file, a glob, a folder, or a zarr / OME-Zarr store")
+    axes: str | None = Field(
+        None, description="axes of the input images, e.g. 'zyx' or 'cyx' (default: from the file or inferred)"
+    )
+    output: Path = Field(description="folder for the predictions (named after their inputs)")
+    output_format: Literal["tiff", "zarr"] | None = Field(
+        None, description="tiff or zarr (default: zarr for zarr inputs, else tiff)"
+    )
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    targets: str | None = Field(
+        None, description="ground truth for the images (same sorted order), enabling task metrics"
+    )
+    task: Literal["restoration", "semantic", "instance"] | None = Field(
+        None,
+        description="metrics against targets: restoration (Pearson, PSNR, SSIM), semantic (Dice, IoU), "
+        "instance (AP@0.5, F1) (default: the compress fidelity task, else restoration)",
+    )
+    threshold: float = Field(0.5, description="semantic / instance: outputs above this are foreground")
+    instance: InstanceConfig = Field(default_factory=InstanceConfig)
+    compare_with_original: bool = Field(
+        False, description="also run the original PyTorch (or ONNX) model and report both side by side"
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for the engines (default: all cores)")
+    energy: bool = Field(True, description="measure energy with CodeCarbon's offline tracker")
+    overwrite: bool = Field(False, description="recompute outputs that already exist")
+
+    @field_validator("model")
+    @classmethod
+    def _artifact(cls, v: Path) -> Path:
+        v = v.expanduser()
+        if not (v / "manifest.yaml").is_file():
+            raise ValueError(
+                f"'{v}' is not an artifact directory (no manifest.yaml); run `efficientbioai compress` "
+                f"first (relative paths are read from {Path.cwd()})"
+            )
+        return v
+
+    @field_validator("axes")
+    @classmethod
+    def _image_axes(cls, v: str | None) -> str | None:
+        if v is not None and (set(v.lower()) - set("bczyx") or len(set(v.lower())) != len(v)):
+            raise ValueError(f"'{v}' is not an axes string: use the letters b, c, z, y, x once each")
+        return v.lower() if v else v
+
+
 def _format_errors(err: ValidationError, model: type[BaseModel], source: str) -> str:
     lines = [f"{source}: {err.error_count()} problem(s) in the configuration"]
     for e in err.errors():

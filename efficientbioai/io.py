@@ -1,42 +1,129 @@
-"""Reading images from disk: TIFF / OME-TIFF (memory-mapped where possible) and NumPy ``.npy``."""
+"""Reading and writing images.
+
+Reading: TIFF / OME-TIFF / ImageJ TIFF (memory-mapped where possible), NumPy ``.npy`` (memory-mapped)
+and zarr / OME-Zarr stores (opened lazily: the returned ``zarr.Array`` is only read where it is sliced).
+
+Writing (:func:`write_image`) is atomic: the data go to a hidden temporary sibling
+(``.<name>.partial-<random>``) that is renamed into place only once complete, so an interrupted run never
+leaves a file or store that looks finished. :func:`partial_outputs` lists the leftovers of runs that were
+killed before they could clean up, :func:`remove_partials` deletes them.
+
+Zarr output is written in the zarr **v2** format as an OME-Zarr 0.4 image (a group holding the
+full-resolution array at path ``"0"``, Blosc/zstd compressed, ``/`` chunk separator): v2 is the format
+that both zarr-python 2 and 3 (the project allows ``zarr>=2.16``) and the common OME-Zarr viewers read.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from efficientbioai.errors import EfficientBioAIError
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".npy")
+if TYPE_CHECKING:  # pragma: no cover
+    import zarr
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
+
+# Files that mark a folder as a zarr store (v2 array / group / attributes, v3 node).
+ZARR_METADATA = (".zarray", ".zgroup", "zarr.json", ".zattrs")
+# Suffixes :func:`output_path` strips from an input name, longest first.
+_STEM_SUFFIXES = (".ome.tiff", ".ome.zarr", ".ome.tif", ".tiff", ".zarr", ".tif", ".npy")
+_FORMATS = {"tif": "tiff", "tiff": "tiff", "zarr": "zarr", "npy": "npy"}
+_SUFFIX_FORMATS = {".tif": "tiff", ".tiff": "tiff", ".zarr": "zarr", ".npy": "npy"}
+# Axis letters written into files and returned by read_axes: time, channel, z, y, x.
+_WRITE_AXES = "tczyx"
+# tifffile axis codes -> ours. 'S' (samples, e.g. RGB) is a channel axis. Codes that are missing here
+# ('Q' unknown, 'I' generic page sequence, 'R', 'E', ...) make read_axes return None: we cannot tell
+# what they are, and the caller then infers the layout from the number of dimensions.
+_TIFF_AXES = {"T": "t", "C": "c", "S": "c", "Z": "z", "Y": "y", "X": "x"}
+_TOKEN_CHARS = 16
+_PARTIAL_RE = re.compile(rf"^\..+\.(partial|replaced)-[0-9a-f]{{{_TOKEN_CHARS}}}$")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def is_zarr_store(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding a zarr store (named ``*.zarr`` or containing zarr metadata)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    return path.suffix.lower() == ".zarr" or any((path / name).is_file() for name in ZARR_METADATA)
+
+
+def _is_listed_image(path: Path) -> bool:
+    """Whether a folder entry counts as an image when the folder is given as the images."""
+    if path.name.startswith("."):  # hidden files: temporaries of write_image, macOS '._x.tif' forks
+        return False
+    suffix = path.suffix.lower()
+    if suffix == ".zarr":
+        return path.is_dir()
+    return suffix in IMAGE_SUFFIXES and path.is_file()
 
 
 def expand_paths(spec: str | Path, what: str = "images") -> list[Path]:
-    """Files named by ``spec``: a file, a folder (its images, sorted) or a glob pattern."""
+    """Images named by ``spec``: a file, a zarr store, a folder (its images, sorted) or a glob pattern.
+
+    A zarr store (a folder named ``*.zarr`` or holding zarr metadata) is one image, never a folder of
+    images. In a folder, ``.tif``, ``.tiff`` and ``.npy`` files and ``*.zarr`` stores are listed; hidden
+    entries are skipped. A glob keeps the files and zarr stores it matches.
+    """
     spec = str(spec)
     path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if is_zarr_store(path):
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if _is_listed_image(p))
     elif path.is_file():
         files = [path]
     else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        files = sorted(
+            Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file() or is_zarr_store(p)
+        )
     if not files:
         raise EfficientBioAIError(
             f"{what}: nothing found at '{spec}'",
-            f"give a file, a folder or a glob such as 'data/*.tif' (relative paths are read from the "
-            f"current directory, {Path.cwd()})",
+            f"give a file, a zarr store, a folder or a glob such as 'data/*.tif' or 'data/*.zarr' "
+            f"(relative paths are read from the current directory, {Path.cwd()})",
         )
     return files
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read one image as an array (memory-mapped when the file allows it)."""
+def read_image(path: str | Path) -> np.ndarray | zarr.Array:
+    """Read one image as an array.
+
+    TIFF and ``.npy`` files are memory-mapped when the file allows it. A zarr store is opened lazily and
+    returned as a ``zarr.Array`` (slice it to read; ``np.asarray`` loads it whole): for an OME-Zarr image
+    the full-resolution array of the first multiscale, for a group holding a single array that array.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        if is_zarr_store(path):
+            return _open_zarr_image(path)
+        raise EfficientBioAIError(
+            f"{path} is a folder, not an image",
+            "give an image file or a zarr store (a folder ending in .zarr); where a list of images is "
+            "expected, a folder stands for all the images in it",
+        )
     if not path.is_file():
         raise EfficientBioAIError(f"image not found: {path}", "check the path")
+    if suffix == ".zarr":
+        raise EfficientBioAIError(
+            f"{path} is a file, but zarr stores are folders (zipped or other single-file stores are not "
+            "supported)",
+            "unzip it into a folder named like the file, or convert it to TIFF",
+        )
     try:
         if suffix in (".tif", ".tiff"):
             import tifffile
@@ -58,14 +145,135 @@ def read_image(path: str | Path) -> np.ndarray:
     )
 
 
+def read_axes(path: str | Path) -> str | None:
+    """The axes of the array :func:`read_image` returns for ``path``, lower case (e.g. ``"czyx"``).
+
+    Read from OME-Zarr ``multiscales`` axes, zarr v3 ``dimension_names`` or the xarray-style
+    ``_ARRAY_DIMENSIONS`` attribute, and from OME-TIFF / ImageJ / tifffile-shaped TIFF metadata
+    (``'S'`` samples count as the channel axis). The result only uses the letters ``t, c, z, y, x``: it is
+    ``None`` when the file does not say, when an axis is of a kind we cannot name (tifffile's ``'Q'``
+    unknown or ``'I'`` page sequence, OME custom axes) or when two axes would get the same letter. Size-1
+    axes are kept (``"tczyx"`` for a 5D OME-Zarr); :func:`to_model_layout` drops them.
+    """
+    path = Path(path)
+    if path.is_dir() and is_zarr_store(path):
+        _, axes = _open_zarr_node(path)
+        return axes
+    image = read_image(path)  # consistent errors for missing / unsupported / unreadable files
+    suffix = path.suffix.lower()
+    if suffix not in (".tif", ".tiff"):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            codes, shape = series.axes, tuple(series.shape)
+    except Exception as exc:
+        raise EfficientBioAIError(
+            f"could not read the axes of {path} ({type(exc).__name__}: {exc})",
+            "check that the file is a valid TIFF and not truncated",
+        ) from exc
+    if shape != tuple(image.shape):
+        return None
+    return _checked_axes(_TIFF_AXES.get(code.upper(), "?") for code in codes)
+
+
+def _checked_axes(names: Any) -> str | None:
+    """Join axis names into a string of distinct letters from ``tczyx``, or ``None``."""
+    letters = []
+    for name in names:
+        name = str(name).lower()
+        if len(name) != 1 or name not in _WRITE_AXES:
+            return None
+        letters.append(name)
+    axes = "".join(letters)
+    return axes if axes and len(set(axes)) == len(axes) else None
+
+
+def _open_zarr_image(path: Path) -> zarr.Array:
+    array, _ = _open_zarr_node(path)
+    return array
+
+
+def _open_zarr_node(path: Path) -> tuple[zarr.Array, str | None]:
+    """The image array of the zarr store at ``path`` and its axes (``None`` when not recorded)."""
+    try:
+        import zarr
+
+        node = zarr.open(store=str(path), mode="r")
+    except Exception as exc:
+        raise EfficientBioAIError(
+            f"could not open {path} as a zarr store ({type(exc).__name__}: {exc})",
+            "check that the folder is a complete zarr store (it needs .zarray/.zgroup or zarr.json "
+            "metadata); an interrupted copy or write leaves it incomplete",
+        ) from exc
+    return _image_in_node(node, path, depth=0)
+
+
+def _image_in_node(node: Any, path: Path, depth: int) -> tuple[zarr.Array, str | None]:
+    import zarr
+
+    if isinstance(node, zarr.Array):
+        return node, _zarr_array_axes(node)
+    attrs = dict(node.attrs)
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else {}
+    multiscales = attrs.get("multiscales") or ome.get("multiscales")
+    where = f"{path}" if depth == 0 else f"{path} (group '{node.path}')"
+    if multiscales:
+        try:
+            first = multiscales[0]
+            dataset = first["datasets"][0]["path"]
+            array = node[dataset]
+        except Exception as exc:
+            raise EfficientBioAIError(
+                f"{where}: OME-Zarr multiscales metadata does not lead to an array "
+                f"({type(exc).__name__}: {exc})",
+                "check the 'multiscales' datasets paths in the metadata (.zattrs or zarr.json), or point "
+                "to the array folder inside the store",
+            ) from exc
+        if not isinstance(array, zarr.Array):
+            raise EfficientBioAIError(
+                f"{where}: OME-Zarr dataset '{dataset}' is a group, not an array",
+                "point to the array folder inside the store",
+            )
+        names = [a.get("name") if isinstance(a, dict) else a for a in first.get("axes") or []]
+        axes = _checked_axes(names) if len(names) == array.ndim else None
+        return array, axes or _zarr_array_axes(array)
+    if "bioformats2raw.layout" in attrs and depth == 0 and "0" in node:  # series 0 of a converted file
+        return _image_in_node(node["0"], path, depth + 1)
+    arrays = [name for name, _ in node.arrays()]
+    if len(arrays) == 1:
+        array = node[arrays[0]]
+        return array, _zarr_array_axes(array)
+    found = f"holds {len(arrays)} arrays ({', '.join(sorted(arrays)[:5])})" if arrays else "holds no array"
+    raise EfficientBioAIError(
+        f"{where}: zarr group {found} and no OME-Zarr multiscales metadata, so it is unclear which one is "
+        "the image",
+        f"point to one array inside it, e.g. {path / sorted(arrays)[0]}"
+        if arrays
+        else "point to the store's image array, or write the image as OME-Zarr",
+    )
+
+
+def _zarr_array_axes(array: Any) -> str | None:
+    names = getattr(getattr(array, "metadata", None), "dimension_names", None)  # zarr v3 arrays
+    if not names or any(n is None for n in names):
+        names = dict(array.attrs).get("_ARRAY_DIMENSIONS")  # xarray convention for zarr v2
+    if not names or len(names) != array.ndim:
+        return None
+    return _checked_axes(names)
+
+
 def to_model_layout(
-    image: np.ndarray, image_axes: str | None, model_axes: str, source: str = "image"
+    image: np.ndarray | zarr.Array, image_axes: str | None, model_axes: str, source: str = "image"
 ) -> np.ndarray:
     """Rearrange an image into the model's layout without the batch axis: (C, [Z,] Y, X).
 
-    ``image_axes`` names the image's axes (e.g. ``"zyx"``, ``"cyx"``, ``"yxc"``); when ``None`` it is
-    inferred: as many dimensions as the model has spatial axes means one channel, one more means channel
-    first.
+    ``image_axes`` names the image's axes (e.g. ``"zyx"``, ``"cyx"``, ``"yxc"``, ``"tczyx"``); when
+    ``None`` it is inferred: as many dimensions as the model has spatial axes means one channel, one more
+    means channel first. Size-1 axes the model does not have (``b``, ``t``, and ``z`` for a 2D model) are
+    dropped. The image may be a NumPy array, a memory map or a zarr array (loaded here).
     """
     spatial = model_axes.replace("b", "").replace("c", "")
     if image_axes is None:
@@ -83,12 +291,12 @@ def to_model_layout(
     image_axes = image_axes.lower()
     if (
         len(image_axes) != image.ndim
-        or set(image_axes) - set("bczyx")
+        or set(image_axes) - set("btczyx")
         or len(set(image_axes)) != len(image_axes)
     ):
         raise EfficientBioAIError(
             f"{source}: axes '{image_axes}' do not describe an array of shape {tuple(image.shape)}",
-            "name one axis per dimension using the letters b, c, z, y, x",
+            "name one axis per dimension using the letters b, t, c, z, y, x",
         )
     arr = np.asarray(image)
     axes = image_axes
@@ -100,6 +308,17 @@ def to_model_layout(
             )
         arr = arr.take(0, axis=axes.index("b"))
         axes = axes.replace("b", "")
+    if "t" in axes:
+        if arr.shape[axes.index("t")] != 1:
+            raise EfficientBioAIError(
+                f"{source}: has {arr.shape[axes.index('t')]} time points (axis t)",
+                "store one time point per file",
+            )
+        arr = arr.take(0, axis=axes.index("t"))
+        axes = axes.replace("t", "")
+    if "z" in axes and "z" not in spatial and arr.shape[axes.index("z")] == 1:
+        arr = arr.take(0, axis=axes.index("z"))  # a single plane stored as 3D, for a 2D model
+        axes = axes.replace("z", "")
     if "c" not in axes:
         arr = arr[np.newaxis]
         axes = "c" + axes
@@ -111,3 +330,284 @@ def to_model_layout(
             "give images with the model's spatial axes, or set the image axes in the config",
         )
     return np.transpose(arr, [axes.index(a) for a in "c" + spatial])
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def output_path(input_path: str | Path, output_dir: str | Path, fmt: str) -> Path:
+    """Where the result for ``input_path`` goes: ``<output_dir>/<input stem><.tif|.zarr>``.
+
+    The stem is the input name without ``.ome.tif``, ``.ome.tiff``, ``.ome.zarr``, ``.tif``, ``.tiff``,
+    ``.zarr`` or ``.npy`` (matched case-insensitively; other names are kept whole). ``fmt`` is ``"tiff"``
+    (or ``"tif"``) or ``"zarr"``. Refuses a destination that is the input itself.
+    """
+    kind = _FORMATS.get(str(fmt).lower())
+    if kind not in ("tiff", "zarr"):
+        raise EfficientBioAIError(
+            f"unknown output format '{fmt}'",
+            "use 'tiff' (one .tif file per image) or 'zarr' (one .zarr store per image)",
+        )
+    stem = _stem(Path(input_path).name)
+    out = Path(output_dir).expanduser() / (stem + (".tif" if kind == "tiff" else ".zarr"))
+    if out.resolve() == Path(input_path).expanduser().resolve():
+        raise EfficientBioAIError(
+            f"the output for {input_path} would overwrite the input itself ({out})",
+            "choose an output folder other than the input folder, or another output format",
+        )
+    return out
+
+
+def write_image(
+    path: str | Path,
+    array: Any,
+    *,
+    fmt: str | None = None,
+    axes: str | None = None,
+    chunks: Sequence[int] | None = None,
+) -> Path:
+    """Write ``array`` to ``path`` atomically and return ``path``.
+
+    The format comes from the suffix (``.tif``/``.tiff`` TIFF, ``.zarr`` zarr store, ``.npy`` NumPy), or
+    from ``fmt`` (``"tiff"``, ``"zarr"``, ``"npy"``) for other names. ``axes`` (letters from ``tczyx``,
+    one per dimension, e.g. ``"czyx"``) is recorded in the file: tifffile's shaped-TIFF metadata (or OME
+    metadata for ``*.ome.tif``) and, for zarr, OME-Zarr 0.4 multiscales axes when the order is one
+    OME-Zarr allows (``[t][c][z]yx``) plus the ``_ARRAY_DIMENSIONS`` attribute. ``chunks`` (zarr only)
+    defaults to 64 along z, y and x for images with a z axis and 512 along y and x without, whole
+    channels and one time point per chunk (axes are inferred from the number of dimensions when not
+    given: ``yx``, ``zyx``, ``czyx``, ``tczyx``). Zarr data are copied slab by slab, so a lazy source
+    (memory map, zarr array) is never loaded whole.
+
+    The data are written to ``.<name>.partial-<random>`` next to ``path`` (parent folders are created)
+    and renamed over ``path`` once complete; an existing zarr store at ``path`` is moved aside, replaced
+    and then deleted. On any error the temporary is removed and ``path`` is left as it was.
+    """
+    path = Path(path).expanduser()
+    kind = _output_format(path, fmt)
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        array = np.asarray(array)
+    shape = tuple(int(n) for n in array.shape)
+    if len(shape) < 2:
+        raise EfficientBioAIError(
+            f"{path}: cannot write an array of shape {shape} as an image",
+            "give an array with at least two dimensions (y, x)",
+        )
+    if axes is not None:
+        axes = axes.lower()
+        if len(axes) != len(shape) or set(axes) - set(_WRITE_AXES) or len(set(axes)) != len(axes):
+            raise EfficientBioAIError(
+                f"{path}: axes '{axes}' do not describe an array of shape {shape}",
+                "name one axis per dimension using the letters t, c, z, y, x (e.g. 'czyx')",
+            )
+    if kind == "tiff" and axes is not None and _is_ome_tiff(path) and not axes.endswith("yx"):
+        raise EfficientBioAIError(
+            f"{path}: OME-TIFF needs y and x as the last axes, got '{axes}'",
+            "move the y and x axes last (e.g. 'czyx'), or write a plain .tif",
+        )
+    chunk_shape = _zarr_chunks(shape, axes, chunks, path) if kind == "zarr" else None
+    _check_replaceable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EfficientBioAIError(
+            f"could not create the folder {path.parent} ({type(exc).__name__}: {exc})",
+            "check the output path and that you may write there",
+        ) from exc
+    tmp = path.with_name(f".{path.name[:200]}.partial-{secrets.token_hex(_TOKEN_CHARS // 2)}")
+    try:
+        if kind == "tiff":
+            _write_tiff(tmp, array, axes, ome=_is_ome_tiff(path))
+        elif kind == "zarr":
+            _write_zarr(tmp, array, axes, chunk_shape, name=_stem(path.name))
+        else:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(array), allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _move_into_place(tmp, path)
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, EfficientBioAIError) or not isinstance(exc, Exception):
+            raise
+        raise EfficientBioAIError(
+            f"could not write {path} ({type(exc).__name__}: {exc})",
+            f"check the free disk space and that you may write in {path.parent}; {path} was left as it was",
+        ) from exc
+    return path
+
+
+def partial_outputs(output_dir: str | Path) -> list[Path]:
+    """Leftovers of interrupted :func:`write_image` calls in ``output_dir`` (not its subfolders), sorted.
+
+    These are temporaries (``.<name>.partial-<random>``) and outputs that were being replaced
+    (``.<name>.replaced-<random>``); none of them is a finished output.
+    """
+    folder = Path(output_dir).expanduser()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _PARTIAL_RE.match(p.name))
+
+
+def remove_partials(output_dir: str | Path) -> list[Path]:
+    """Delete :func:`partial_outputs` of ``output_dir`` and return what was removed.
+
+    Only call this when no other process is writing into ``output_dir``: its temporaries would go too.
+    """
+    removed = partial_outputs(output_dir)
+    for leftover in removed:
+        _remove(leftover)
+    return removed
+
+
+def _output_format(path: Path, fmt: str | None) -> str:
+    from_suffix = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        if from_suffix is None:
+            raise EfficientBioAIError(
+                f"cannot tell the image format to write from the name {path}",
+                "end the name in .tif, .tiff, .zarr or .npy, or pass the format",
+            )
+        return from_suffix
+    kind = _FORMATS.get(fmt.lower())
+    if kind is None:
+        raise EfficientBioAIError(f"unknown image format '{fmt}' for {path}", "use 'tiff', 'zarr' or 'npy'")
+    if from_suffix is not None and from_suffix != kind:
+        raise EfficientBioAIError(
+            f"{path}: the name ends in '{path.suffix}' but the format asked for is '{fmt}'",
+            "make the suffix match the format, or leave the format out to take it from the suffix",
+        )
+    return kind
+
+
+def _is_ome_tiff(path: Path) -> bool:
+    return path.name.lower().endswith((".ome.tif", ".ome.tiff"))
+
+
+def _stem(name: str) -> str:
+    for suffix in _STEM_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _zarr_chunks(
+    shape: tuple[int, ...], axes: str | None, chunks: Sequence[int] | None, path: Path
+) -> tuple[int, ...]:
+    if chunks is not None:
+        chunks = tuple(chunks)
+        if len(chunks) != len(shape) or not all(isinstance(c, (int, np.integer)) and c > 0 for c in chunks):
+            raise EfficientBioAIError(
+                f"{path}: chunks {chunks} do not fit an array of shape {shape}",
+                "give one positive chunk size per dimension",
+            )
+        return tuple(int(min(c, max(n, 1))) for c, n in zip(chunks, shape, strict=True))
+    if axes is None:
+        axes = "tczyx"[-len(shape) :] if len(shape) <= 5 else "?" * (len(shape) - 5) + "tczyx"
+    edge = 64 if "z" in axes else 512
+    sizes = {"z": edge, "y": edge, "x": edge}
+    out = []
+    for axis, n in zip(axes, shape, strict=True):
+        size = n if axis == "c" else sizes.get(axis, 1)
+        out.append(max(1, min(size, n)))
+    return tuple(out)
+
+
+def _write_tiff(tmp: Path, array: Any, axes: str | None, ome: bool) -> None:
+    import tifffile
+
+    metadata = {"axes": axes.upper()} if axes else {}
+    tifffile.imwrite(
+        tmp, np.asarray(array), imagej=False, ome=ome, photometric="minisblack", metadata=metadata
+    )
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _zarr_format_kwargs() -> dict[str, Any]:
+    import zarr
+
+    return {"zarr_format": 2} if int(zarr.__version__.split(".")[0]) >= 3 else {}
+
+
+def _write_zarr(tmp: Path, array: Any, axes: str | None, chunks: tuple[int, ...] | None, name: str) -> None:
+    import zarr
+    from numcodecs import Blosc
+
+    fmt = _zarr_format_kwargs()
+    group = zarr.open_group(store=str(tmp), mode="w", **fmt)
+    target = zarr.open_array(
+        store=str(tmp),
+        path="0",
+        mode="w",
+        shape=tuple(array.shape),
+        chunks=chunks,
+        dtype=array.dtype,
+        compressor=Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE),
+        dimension_separator="/",
+        **fmt,
+    )
+    if axes is not None:
+        target.attrs["_ARRAY_DIMENSIONS"] = list(axes)
+        if _is_ome_order(axes):
+            kinds = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+            group.attrs["multiscales"] = [
+                {
+                    "version": "0.4",
+                    "name": name,
+                    "axes": [{"name": a, "type": kinds[a]} for a in axes],
+                    "datasets": [
+                        {
+                            "path": "0",
+                            "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(axes)}],
+                        }
+                    ],
+                }
+            ]
+    step = chunks[0] if chunks else array.shape[0]
+    for start in range(0, array.shape[0], step):  # slab by slab: a lazy source is never loaded whole
+        target[start : start + step] = np.asarray(array[start : start + step])
+
+
+def _is_ome_order(axes: str) -> bool:
+    """Whether OME-Zarr 0.4 allows these axes: optional t, optional c, optional z, then y, x."""
+    return axes.endswith("yx") and "".join(a for a in _WRITE_AXES if a in axes) == axes
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace a folder that is not a zarr store: it may hold the user's own files."""
+    if path.is_dir() and not path.is_symlink():
+        holds_zarr = any((path / name).is_file() for name in ZARR_METADATA)
+        if not holds_zarr and any(path.iterdir()):
+            raise EfficientBioAIError(
+                f"{path} is an existing folder that is not a zarr store; refusing to replace it",
+                "choose another output folder or name, or move that folder away",
+            )
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    if not tmp.is_dir() and not (dest.is_dir() and not dest.is_symlink()):
+        os.replace(tmp, dest)  # a file over a file (or nothing): atomic
+        return
+    # Folders cannot be renamed over a non-empty folder: move the old one aside, move the new one in,
+    # then delete the old one (restoring it if the move in fails).
+    _check_replaceable(dest)
+    aside = None
+    if os.path.lexists(dest):
+        aside = dest.with_name(f".{dest.name[:200]}.replaced-{secrets.token_hex(_TOKEN_CHARS // 2)}")
+        os.replace(dest, aside)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, dest)
+        raise
+    if aside is not None:
+        _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

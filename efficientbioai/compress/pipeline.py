@@ -34,6 +34,7 @@ from efficientbioai.models.base import sha256
 from efficientbioai.processing import apply_steps
 from efficientbioai.report import human_bytes, human_count, table
 from efficientbioai.sampling import Tiles, sample_tiles
+from efficientbioai.tiling import round_up, valid_size
 
 DEFAULT_TILE = {2: (256, 256), 3: (32, 128, 128)}
 
@@ -107,14 +108,6 @@ def read_calibration_images(cfg: CompressConfig, loaded: LoadedModel):
                     "targets must match their images pixel for pixel",
                 )
     return images, targets, names
-
-
-def valid_size(size: int, tmin: int, step: int) -> bool:
-    return size >= tmin and (size - tmin) % step == 0
-
-
-def round_up(size: int, tmin: int, step: int) -> int:
-    return tmin + max(0, -(-(size - tmin) // step)) * step
 
 
 def resolve_tile_shape(
@@ -472,7 +465,7 @@ def _build(
         "manifest_version": MANIFEST_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "efficientbioai_version": efficientbioai.__version__,
-        "model": {"name": loaded.name, **loaded.source},
+        "model": {"name": loaded.name, **loaded.source, "config": _model_spec(cfg.model)},
         "input": {
             "axes": loaded.axes,
             "channels": loaded.in_channels,
@@ -510,6 +503,15 @@ def _build(
     }
     write_manifest(tmp, manifest)
     return manifest
+
+
+def _model_spec(model_cfg) -> dict[str, Any]:
+    """The ``model:`` config with absolute paths, so that ``infer`` can load the original model again."""
+    spec = model_cfg.model_dump(mode="json", exclude_none=True)
+    for key in ("path", "checkpoint"):
+        if key in spec:
+            spec[key] = str(Path(spec[key]).expanduser().resolve())
+    return spec
 
 
 def _rows(m: dict[str, Any]) -> list[list[Any]]:

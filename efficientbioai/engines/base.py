@@ -6,6 +6,9 @@ import os
 import statistics
 import time
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,9 +33,30 @@ class Engine(ABC):
     backend: str = ""
     precision: str = "fp32"
     threads: int | None = None
+    label: str = ""  # how reports name this engine, e.g. "openvino int8"
 
     @abstractmethod
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def map(self, batches: Iterable[np.ndarray], depth: int = 2) -> Iterator[np.ndarray]:
+        """Outputs of ``batches``, in order, with the engine kept busy.
+
+        The engine runs in a worker thread (runtimes release the GIL) while the caller's thread reads the
+        next batch from ``batches`` and consumes the previous output, so reading tiles and blending overlap
+        with inference. At most ``depth`` batches are in flight.
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix=f"{self.backend}-engine") as pool:
+            pending: deque = deque()
+            try:
+                for batch in batches:
+                    pending.append(pool.submit(self, batch))
+                    if len(pending) >= depth:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release the runtime's resources (nothing to release by default)."""

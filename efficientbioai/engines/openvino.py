@@ -32,6 +32,7 @@ class OpenVINOEngine(Engine):
         precision: str = "fp32",
         threads: int | None = None,
         device: str = "CPU",
+        hint: str = "LATENCY",
     ):
         import openvino as ov
 
@@ -42,7 +43,7 @@ class OpenVINOEngine(Engine):
         self.requested_precision = precision
         config = {
             "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
-            "PERFORMANCE_HINT": "LATENCY",
+            "PERFORMANCE_HINT": hint,
             "INFERENCE_NUM_THREADS": self.threads,
         }
         if device != "CPU":
@@ -63,6 +64,49 @@ class OpenVINOEngine(Engine):
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         result = self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
         return np.asarray(result[self.compiled.output(0)])
+
+    def map(self, batches, depth: int | None = None):
+        """Outputs of ``batches`` in order, run through an ``AsyncInferQueue``.
+
+        The caller's thread reads the next batch and consumes finished outputs while OpenVINO infers;
+        ``depth`` requests (default: OpenVINO's optimal number, at least 2) are in flight.
+        """
+        import openvino as ov
+
+        if depth is None:
+            depth = max(2, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        queue = ov.AsyncInferQueue(self.compiled, depth)
+        done: dict[int, np.ndarray] = {}
+        errors: list[BaseException] = []
+
+        def finished(request, index):
+            try:
+                done[index] = np.array(request.get_output_tensor(0).data, copy=True)
+            except BaseException as exc:  # surfaced in the caller's thread
+                errors.append(exc)
+
+        queue.set_callback(finished)
+        inputs: dict[int, np.ndarray] = {}  # keep inputs alive until their request has finished
+        submitted = emitted = 0
+        try:
+            for batch in batches:
+                inputs[submitted] = np.ascontiguousarray(batch, dtype=np.float32)
+                queue.start_async({0: inputs[submitted]}, submitted)  # blocks while every request is busy
+                submitted += 1
+                while emitted in done:
+                    inputs.pop(emitted, None)
+                    yield done.pop(emitted)
+                    emitted += 1
+                if errors:
+                    raise errors[0]
+            queue.wait_all()
+            if errors:
+                raise errors[0]
+            while emitted < submitted:
+                yield done.pop(emitted)
+                emitted += 1
+        finally:
+            queue.wait_all()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "device": self.device, "requested_precision": self.requested_precision}

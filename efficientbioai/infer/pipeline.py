@@ -1,0 +1,460 @@
+"""``efficientbioai infer``: an artifact directory + images → predictions, metrics, latency and energy."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from efficientbioai import metrics
+from efficientbioai.config import InferConfig, ModelConfig
+from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
+from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
+from efficientbioai.errors import ConfigError, EfficientBioAIError
+from efficientbioai.infer.predict import Prediction, Predictor
+from efficientbioai.io import expand_paths, output_path, read_axes, read_image, to_model_layout, write_image
+from efficientbioai.manifest import read_manifest
+from efficientbioai.models.base import sha256
+from efficientbioai.report import table
+from efficientbioai.tiling import check_tile_shape
+
+BACKENDS = ("openvino", "onnxruntime", "torch")
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ engines
+
+
+def verify_artifact(directory: Path, manifest: dict[str, Any], prefix: str) -> None:
+    """Check the checksums of the artifact's files under ``prefix`` against the manifest."""
+    for rel, digest in manifest.get("files", {}).items():
+        if not rel.startswith(prefix):
+            continue
+        path = directory / rel
+        if not path.is_file():
+            raise EfficientBioAIError(
+                f"{path} is listed in the manifest but missing", "re-run `efficientbioai compress`"
+            )
+        if sha256(path) != digest:
+            raise EfficientBioAIError(
+                f"{path} was changed after `efficientbioai compress` wrote it (checksum differs)",
+                "re-run `efficientbioai compress` to rebuild the artifact",
+            )
+
+
+def open_engine(
+    directory: Path, manifest: dict[str, Any], backend: str | None, threads: int, hint: str = "LATENCY"
+) -> Engine:
+    """The artifact's engine for ``backend`` (default: its primary engine)."""
+    engines = manifest["engines"]
+    backend = backend or engines["primary"]["backend"]
+    if backend == "tensorrt":
+        raise ConfigError(
+            "backend: tensorrt engines are not available yet in this version",
+            "use backend: openvino (CPU) or onnxruntime",
+        )
+    if backend == "openvino":
+        if "openvino" not in engines:
+            raise ConfigError(
+                f"backend: {directory} has no OpenVINO engine (built: {', '.join(k for k in engines if k != 'primary')})",
+                "compress with export.targets: [openvino], or use backend: onnxruntime",
+            )
+        verify_artifact(directory, manifest, "openvino/")
+        ov = engines["openvino"]
+        precision = manifest["precision"] if manifest["precision"] == "int8" else ov["requested_precision"]
+        engine = OpenVINOEngine(
+            directory / ov["path"], precision, threads, ov.get("device", "CPU"), hint=hint
+        )
+        engine.label = f"openvino {manifest['precision']}"
+        return engine
+    if backend == "onnxruntime":
+        verify_artifact(directory, manifest, "model.onnx")
+        engine = OnnxRuntimeEngine(directory / engines["onnx"]["path"], threads)
+        engine.label = "onnxruntime fp32"
+        return engine
+    if backend == "torch":
+        return open_original(manifest, threads)
+    raise ConfigError(f"backend: unknown backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
+
+
+def open_original(manifest: dict[str, Any], threads: int) -> Engine:
+    """The original model, re-loaded from where `compress` found it (PyTorch fp32, or ONNX Runtime)."""
+    from efficientbioai.engines import reference_engine
+    from efficientbioai.models import load_model
+
+    spec = manifest["model"].get("config")
+    if spec is None:
+        raise EfficientBioAIError(
+            "the manifest does not say how to load the original model (written by an older version)",
+            "re-run `efficientbioai compress`, or set compare_with_original: false",
+        )
+    try:
+        _, loaded = load_model(ModelConfig.model_validate(spec))
+    except Exception as exc:
+        problem = getattr(exc, "problem", str(exc))
+        raise EfficientBioAIError(
+            f"the original model could not be loaded from {spec.get('path') or spec.get('factory') or spec.get('name')}: {problem}",
+            "keep the original model where `compress` found it, or set compare_with_original: false",
+        ) from exc
+    engine = reference_engine(loaded, threads)
+    engine.label = f"{engine.backend} fp32 (original)"
+    return engine
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+class _WithChannel:
+    """A lazy (C=1, *spatial) view of a lazily-read spatial array (e.g. a zarr array)."""
+
+    def __init__(self, array):
+        self.array = array
+        self.shape = (1, *array.shape)
+        self.ndim = len(self.shape)
+        self.dtype = array.dtype
+
+    def __getitem__(self, key):
+        return np.asarray(self.array[key[1:]])[np.newaxis][key[0]]
+
+
+def model_layout(image, axes: str | None, model_axes: str, source: str):
+    """(C, *spatial) without loading lazily-read arrays that are already in the model's order."""
+    spatial = model_axes[2:]
+    if not isinstance(image, np.ndarray):
+        if axes in (None, spatial) and image.ndim == len(spatial):
+            return _WithChannel(image)
+        if axes in (None, "c" + spatial) and image.ndim == len(spatial) + 1:
+            return image
+    return to_model_layout(image, axes, model_axes, source)
+
+
+def split_batch(image, axes: str | None, source: str) -> list:
+    """An image with a batch axis ('b' in the axes) as a list of samples, else ``[image]``."""
+    if not axes or "b" not in axes:
+        return [image]
+    arr = np.asarray(image)
+    return [np.take(arr, i, axis=axes.index("b")) for i in range(arr.shape[axes.index("b")])]
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class RunRecord:
+    """One engine on one image."""
+
+    engine: str
+    seconds: float | None
+    voxels: int
+    energy: EnergyReading | None
+    tiles: int = 0
+    skipped: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        e = self.energy
+        return {
+            "engine": self.engine,
+            "seconds": self.seconds,
+            "voxels_per_second": self.voxels / self.seconds if self.seconds else None,
+            "energy_joules": e.joules if e else None,
+            "energy_method": e.method if e else None,
+            "tiles": self.tiles,
+            "skipped_tiles": self.skipped,
+            "metrics": self.metrics,
+        }
+
+
+@dataclass
+class ImageRecord:
+    input: Path
+    output: Path
+    shape: tuple[int, ...]
+    status: str  # "done" | "exists"
+    runs: list[RunRecord] = field(default_factory=list)
+    agreement: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InferResult:
+    images: list[ImageRecord]
+    task: str | None
+    threads: int
+
+    def table(self) -> str:
+        metric_names: list[str] = []
+        for im in self.images:
+            for r in im.runs:
+                metric_names += [k for k in r.metrics if k not in metric_names]
+        header = ["image", "engine", "latency", "Mvoxel/s", "energy", "tiles (skipped)", *metric_names]
+        rows = []
+        totals: dict[str, list[float]] = {}
+        for im in self.images:
+            for r in im.runs:
+                rows.append(
+                    [
+                        im.input.name,
+                        r.engine,
+                        f"{r.seconds:.2f} s" if r.seconds is not None else "exists",
+                        f"{r.voxels / r.seconds / 1e6:.2f}" if r.seconds else "-",
+                        format_energy(r.energy) if r.energy else "-",
+                        f"{r.tiles} ({r.skipped})" if r.tiles else "-",
+                        *[f"{r.metrics[k]:.4f}" if k in r.metrics else "-" for k in metric_names],
+                    ]
+                )
+                if r.seconds is not None:
+                    t = totals.setdefault(r.engine, [0.0, 0.0, 0.0, 0])
+                    t[0] += r.seconds
+                    t[1] += r.voxels
+                    t[2] += r.energy.joules if r.energy and r.energy.joules is not None else float("nan")
+                    t[3] += 1
+        if len(self.images) > 1 or len(totals) > 1:
+            for name, (sec, vox, joules, n) in totals.items():
+                rows.append(
+                    [
+                        f"total ({n} image{'s' if n > 1 else ''})",
+                        name,
+                        f"{sec:.2f} s",
+                        f"{vox / sec / 1e6:.2f}",
+                        "-" if np.isnan(joules) else f"{joules:.1f} J",
+                        "",
+                        *[""] * len(metric_names),
+                    ]
+                )
+        threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}"
+        out = [table(header, rows, title=f"inference ({threads}; latency = whole image, tiles to stitched)")]
+        methods = {
+            r.energy.method for im in self.images for r in im.runs if r.energy and r.energy.joules is not None
+        }
+        if methods:
+            sources = {r.energy.source for im in self.images for r in im.runs if r.energy and r.energy.source}
+            out.append(f"energy: {', '.join(sorted(methods))} — {'; '.join(sorted(sources))}")
+        speed = self.speedup()
+        if speed:
+            out.append(speed)
+        for im in self.images:
+            if im.agreement:
+                out.append(
+                    f"{im.input.name}: engine vs original on the whole image: "
+                    + ", ".join(f"{k} {v:.5g}" for k, v in im.agreement.items())
+                )
+        return "\n".join(out)
+
+    def speedup(self) -> str | None:
+        """'x× faster, y× less energy' when the original ran beside the engine."""
+        pairs = [(im.runs[0], im.runs[1]) for im in self.images if len(im.runs) == 2 and im.runs[0].seconds]
+        if not pairs:
+            return None
+        eng = sum(a.seconds for a, _ in pairs)
+        orig = sum(b.seconds for _, b in pairs)
+        text = f"{pairs[0][0].engine} is {orig / eng:.2f}x faster than {pairs[0][1].engine}"
+        ej = [a.energy.joules for a, _ in pairs if a.energy and a.energy.joules]
+        oj = [b.energy.joules for _, b in pairs if b.energy and b.energy.joules]
+        if len(ej) == len(oj) == len(pairs):
+            text += f" and uses {sum(oj) / sum(ej):.2f}x less energy ({pairs[0][0].energy.method})"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "threads": self.threads,
+            "images": [
+                {
+                    "input": str(im.input),
+                    "output": str(im.output),
+                    "shape": list(im.shape),
+                    "status": im.status,
+                    "runs": [r.as_dict() for r in im.runs],
+                    "agreement": im.agreement,
+                }
+                for im in self.images
+            ],
+        }
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+def _targets(cfg: InferConfig, n: int) -> list[Path | None]:
+    if cfg.targets is None:
+        return [None] * n
+    files = expand_paths(cfg.targets, "targets")
+    if len(files) != n:
+        raise ConfigError(
+            f"targets: {len(files)} target file(s) for {n} input image(s)",
+            "give one target per input image, in the same (sorted) order",
+        )
+    return files
+
+
+def _predictor(cfg: InferConfig, manifest: dict[str, Any], engine: Engine) -> Predictor:
+    inp = manifest["input"]
+    ndim = len(inp["axes"]) - 2
+    tile = cfg.tiling.tile_shape or manifest["calibration"]["tile_shape"]
+    tile = check_tile_shape(
+        tile, inp.get("tile_min") or [1] * ndim, inp.get("tile_step") or [1] * ndim, "tiling.tile_shape"
+    )
+    return Predictor(
+        engine=engine,
+        axes=inp["axes"],
+        out_channels=manifest["output"]["channels"],
+        tile_shape=tile,
+        tile_min=inp.get("tile_min"),
+        tile_step=inp.get("tile_step"),
+        halo=inp.get("halo"),
+        pre=inp.get("preprocessing") or [],
+        post=manifest["output"].get("postprocessing") or [],
+        overlap=cfg.tiling.overlap,
+        blend=cfg.tiling.blend,
+        batch_size=cfg.tiling.batch_size,
+        skip_background=cfg.tiling.background.skip,
+        background_threshold=cfg.tiling.background.threshold,
+    )
+
+
+def _read_target(path: Path, shape: tuple[int, ...], model_axes: str) -> np.ndarray:
+    target = np.asarray(read_image(path))
+    spatial = shape[-(len(model_axes) - 2) :]
+    if target.shape != tuple(shape) and target.squeeze().shape != tuple(s for s in shape if s != 1):
+        raise EfficientBioAIError(
+            f"targets: {path} has shape {target.shape} but its image's prediction has shape {tuple(shape)} "
+            f"(spatial {tuple(spatial)})",
+            "targets must match their images pixel for pixel, in the same sorted order as the inputs",
+        )
+    return target.reshape(shape) if target.size == int(np.prod(shape)) else target
+
+
+def _metrics(cfg: InferConfig, task: str | None, pred: np.ndarray, target: np.ndarray | None) -> dict:
+    if target is None or task is None:
+        return {}
+    return metrics.task_metrics(
+        task, pred, target, threshold=cfg.threshold, instance_method=cfg.instance.method
+    )
+
+
+def _squeeze_channel(x: np.ndarray) -> np.ndarray:
+    return x[0] if x.shape[0] == 1 else x
+
+
+def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
+    """Run the artifact's engine (and, if asked, the original model) over every input image."""
+    from tqdm.auto import tqdm
+
+    directory = cfg.model.expanduser().resolve()
+    manifest = read_manifest(directory)
+    model_axes = manifest["input"]["axes"]
+    files = expand_paths(cfg.input, "input")
+    targets = _targets(cfg, len(files))
+    threads = cfg.threads or default_threads()
+    task = (
+        cfg.task or (manifest.get("fidelity") or {}).get("task") or ("restoration" if cfg.targets else None)
+    )
+    if cfg.targets is not None and task is None:
+        task = "restoration"
+    fmt = cfg.output_format
+    out_dir = cfg.output.expanduser()
+    out_paths = [
+        output_path(f, out_dir, fmt or ("zarr" if f.suffix.lower() == ".zarr" else "tiff")) for f in files
+    ]
+    dupes = {p for p in out_paths if out_paths.count(p) > 1}
+    if dupes:
+        raise ConfigError(
+            f"input: several inputs would be written to the same output ({', '.join(sorted(map(str, dupes)))})",
+            "give inputs with distinct names (e.g. not a.tif and a.npy side by side)",
+        )
+
+    _log(f"loading engine from {directory}", quiet)
+    engines: list[Engine] = [open_engine(directory, manifest, cfg.backend, threads)]
+    if cfg.compare_with_original and cfg.backend != "torch":
+        _log("loading the original model for comparison", quiet)
+        engines.append(open_original(manifest, threads))
+    predictors = [_predictor(cfg, manifest, e) for e in engines]
+    meter = EnergyMeter(enabled=cfg.energy)
+    records: list[ImageRecord] = []
+    warmed = set()
+    try:
+        for k, (path, tpath, opath) in enumerate(zip(files, targets, out_paths, strict=True)):
+            raw = read_image(path)
+            axes = cfg.axes or read_axes(path)
+            samples = split_batch(raw, axes, str(path))
+            sample_axes = axes.replace("b", "") if axes else None
+            images = [model_layout(s, sample_axes, model_axes, f"input: {path}") for s in samples]
+            for im in images:
+                if im.shape[0] != manifest["input"]["channels"]:
+                    raise EfficientBioAIError(
+                        f"input: {path} has {im.shape[0]} channel(s) (axes '{sample_axes or 'inferred'}') but "
+                        f"the model takes {manifest['input']['channels']}",
+                        "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
+                    )
+            spatial = tuple(images[0].shape[1:])
+            voxels = int(np.prod(spatial)) * len(images)
+            record = ImageRecord(path, opath, tuple(raw.shape), "done")
+            if opath.exists() and not cfg.overwrite:
+                _log(
+                    f"[{k + 1}/{len(files)}] {path.name}: {opath} exists, skipped (overwrite: true recomputes)",
+                    quiet,
+                )
+                record.status = "exists"
+                existing = np.asarray(read_image(opath), np.float32)
+                target = _read_target(tpath, existing.shape, model_axes) if tpath else None
+                record.runs.append(
+                    RunRecord(
+                        engines[0].label, None, voxels, None, metrics=_metrics(cfg, task, existing, target)
+                    )
+                )
+                records.append(record)
+                continue
+            _log(f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}", quiet)
+            outputs = []
+            for e_idx, (engine, predictor) in enumerate(zip(engines, predictors, strict=True)):
+                if e_idx not in warmed:
+                    predictor.warm_up(images[0].shape[0])
+                    warmed.add(e_idx)
+                preds: list[Prediction] = []
+                with meter.measure() as m:
+                    for im in images:
+                        with tqdm(
+                            desc=f"{path.name} · {engine.label}", unit="tile", disable=quiet, leave=False
+                        ) as bar:
+                            preds.append(predictor(im, progress=bar))
+                out = (
+                    np.stack([_squeeze_channel(p.output) for p in preds])
+                    if len(preds) > 1
+                    else _squeeze_channel(preds[0].output)
+                )
+                outputs.append(out)
+                run = RunRecord(
+                    engine.label,
+                    sum(p.seconds for p in preds),
+                    voxels,
+                    m.reading,
+                    tiles=sum(p.tiles for p in preds),
+                    skipped=sum(p.skipped for p in preds),
+                )
+                record.runs.append(run)
+            out_axes = ("b" if len(images) > 1 else "") + (
+                ("c" if outputs[0].ndim > len(model_axes) - 2 + (len(images) > 1) else "") + model_axes[2:]
+            )
+            write_image(opath, outputs[0], axes=out_axes)
+            if tpath is not None:
+                target = _read_target(tpath, outputs[0].shape, model_axes)
+                for run, out in zip(record.runs, outputs, strict=True):
+                    run.metrics = _metrics(cfg, task, out, target)
+            if len(outputs) == 2:
+                record.agreement = {
+                    "pearson": metrics.pearson(outputs[0], outputs[1]),
+                    "relative_l2": metrics.relative_l2(outputs[0], outputs[1]),
+                }
+            records.append(record)
+    finally:
+        for e in engines:
+            e.close()
+        meter.close()
+    return InferResult(records, task, threads)

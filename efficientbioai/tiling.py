@@ -1,0 +1,221 @@
+"""Sliding-window tiling: the tile grid, padding, halo cropping, blending weights and background skipping.
+
+Coordinates are spatial only; images are (C, *spatial) arrays (NumPy, memory-mapped TIFF or zarr: tiles
+are sliced lazily, so a volume never has to fit in memory as float32 to be read).
+
+For an axis of size ``S`` with network tile ``T`` and halo ``H`` (border pixels of the network's output
+that are not trusted), each tile contributes its *inner* region of ``I = T - 2H`` pixels. Inner regions
+start every ``step = I × (1 - overlap)`` pixels; the last one is moved back to end at the image border,
+as MONAI's ``sliding_window_inference`` does, so the grid of a model without halo is MONAI's grid. The
+network input is the inner region plus ``H`` pixels of context on each side, mirrored (``reflect``) where
+it extends past the image. An image smaller than a tile is padded, and the tile shrinks to the smallest
+shape the network accepts that still covers it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from efficientbioai.errors import ConfigError
+
+BLEND_MODES = ("gaussian", "constant")
+
+
+def valid_size(size: int, tmin: int, step: int) -> bool:
+    return size >= tmin and (size - tmin) % step == 0
+
+
+def round_up(size: int, tmin: int, step: int) -> int:
+    """The smallest size ``tmin + k × step`` (k ≥ 0) that is at least ``size``."""
+    return tmin + max(0, -(-(size - tmin) // step)) * step
+
+
+def check_tile_shape(
+    tile: Sequence[int], tile_min: Sequence[int], tile_step: Sequence[int], what: str = "tile_shape"
+) -> tuple[int, ...]:
+    """``tile`` if the network accepts it, else a :class:`ConfigError` suggesting the nearest valid shape."""
+    if len(tile) != len(tile_min):
+        raise ConfigError(
+            f"{what}: {list(tile)} has {len(tile)} values but the model is {len(tile_min)}D",
+            f"give {len(tile_min)} values, e.g. {what}: {list(tile_min)}",
+        )
+    if not all(valid_size(t, m, s) for t, m, s in zip(tile, tile_min, tile_step, strict=True)):
+        suggestion = [round_up(t, m, s) for t, m, s in zip(tile, tile_min, tile_step, strict=True)]
+        raise ConfigError(
+            f"{what}: {list(tile)} is not a shape this network accepts (valid sizes per axis are "
+            f"{list(tile_min)} + k × {list(tile_step)})",
+            f"use {what}: {suggestion}",
+        )
+    return tuple(int(t) for t in tile)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One grid position: where its network input comes from and where its trusted output goes."""
+
+    index: int
+    source: tuple[slice, ...]  # part of the image inside the input window
+    pad: tuple[tuple[int, int], ...]  # mirrored padding around ``source`` to reach the tile shape
+    target: tuple[slice, ...]  # where the inner output lands in the image
+    crop: tuple[slice, ...]  # the inner output inside the network output tile
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    image_shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    halo: tuple[int, ...]
+    overlap: float
+    starts: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def build(
+        cls,
+        image_shape: Sequence[int],
+        tile: Sequence[int],
+        *,
+        overlap: float = 0.25,
+        halo: Sequence[int] | None = None,
+        tile_min: Sequence[int] | None = None,
+        tile_step: Sequence[int] | None = None,
+    ) -> TileGrid:
+        ndim = len(image_shape)
+        if len(tile) != ndim:
+            raise ConfigError(
+                f"tiling.tile_shape: {list(tile)} has {len(tile)} values for a {ndim}D image {tuple(image_shape)}",
+                f"give {ndim} values",
+            )
+        if not 0 <= overlap < 1:
+            raise ConfigError(f"tiling.overlap: {overlap} is outside [0, 1)", "use e.g. overlap: 0.25")
+        halo = tuple(int(h) for h in (halo or [0] * ndim))
+        tile_min = tuple(tile_min or [1] * ndim)
+        tile_step = tuple(tile_step or [1] * ndim)
+        tiles, starts = [], []
+        for s, t, h, m, st in zip(image_shape, tile, halo, tile_min, tile_step, strict=True):
+            if t - 2 * h < 1:
+                raise ConfigError(
+                    f"tiling.tile_shape: {list(tile)} leaves nothing inside the model's halo {list(halo)}",
+                    f"use tiles larger than {[2 * x + 1 for x in halo]}",
+                )
+            if s + 2 * h < t:  # the image is smaller than a tile: shrink it to what covers the image
+                t = max(round_up(s + 2 * h, m, st), m)
+            inner = t - 2 * h
+            step = max(1, int(inner * (1 - overlap)))
+            n = 1 if s <= inner else 1 + -(-(s - inner) // step)
+            starts.append(tuple(min(i * step, max(s - inner, 0)) for i in range(n)))
+            tiles.append(t)
+        return cls(tuple(int(s) for s in image_shape), tuple(tiles), halo, overlap, tuple(starts))
+
+    @property
+    def inner(self) -> tuple[int, ...]:
+        return tuple(t - 2 * h for t, h in zip(self.tile, self.halo, strict=True))
+
+    def __len__(self) -> int:
+        return int(np.prod([len(s) for s in self.starts]))
+
+    def __iter__(self) -> Iterator[Tile]:
+        for index, corner in enumerate(itertools.product(*self.starts)):
+            source, pad, target, crop = [], [], [], []
+            for c, s, t, h, i in zip(corner, self.image_shape, self.tile, self.halo, self.inner, strict=True):
+                lo, hi = c - h, c - h + t  # input window in image coordinates
+                source.append(slice(max(lo, 0), min(hi, s)))
+                pad.append((max(-lo, 0), max(hi - s, 0)))
+                end = min(c + i, s)
+                target.append(slice(c, end))
+                crop.append(slice(h, h + end - c))
+            yield Tile(index, tuple(source), tuple(pad), tuple(target), tuple(crop))
+
+    def read(self, image, tile: Tile) -> np.ndarray:
+        """The (C, *tile) float32 network input for ``tile`` from a (C, *spatial) array-like."""
+        x = np.asarray(image[(slice(None), *tile.source)], dtype=np.float32)
+        if any(p for pair in tile.pad for p in pair):
+            # reflect needs at least 2 pixels along an axis; a 1-pixel axis is repeated instead
+            mode = "reflect" if all(n > 1 for n in x.shape[1:]) else "edge"
+            x = np.pad(x, ((0, 0), *tile.pad), mode=mode)
+        return x
+
+    @cached_property
+    def _gaussian(self) -> np.ndarray:
+        return blend_weights(self.inner, "gaussian")
+
+    def weights(self, tile: Tile, mode: str) -> np.ndarray | None:
+        """Blending weights of the tile's inner output (``None`` means all ones)."""
+        if mode == "constant":
+            return None
+        w = self._gaussian
+        return w[tuple(slice(0, c.stop - c.start) for c in tile.crop)]
+
+
+def blend_weights(shape: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """Per-pixel weights of a tile: 1 everywhere (``constant``) or a gaussian centred on the tile whose
+    sigma is ``sigma_scale`` × the tile size, floored at 1e-3 so that every pixel keeps a positive weight."""
+    if mode not in BLEND_MODES:
+        raise ConfigError(f"tiling.blend: unknown mode '{mode}'", f"use one of {', '.join(BLEND_MODES)}")
+    if mode == "constant":
+        return np.ones(shape, np.float32)
+    w = np.ones((), np.float64)
+    for n in shape:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+        sigma = max(n * sigma_scale, 1e-6)
+        w = np.multiply.outer(w, np.exp(-0.5 * (x / sigma) ** 2))
+    w = w / w.max()
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+class Blender:
+    """Accumulates weighted tile outputs into a (C, *spatial) image; :meth:`result` normalises."""
+
+    def __init__(self, grid: TileGrid, channels: int, mode: str = "gaussian"):
+        if mode not in BLEND_MODES:
+            raise ConfigError(f"tiling.blend: unknown mode '{mode}'", f"use one of {', '.join(BLEND_MODES)}")
+        self.grid, self.mode = grid, mode
+        self.sum = np.zeros((channels, *grid.image_shape), np.float32)
+        self.weight = np.zeros(grid.image_shape, np.float32)
+
+    def add(self, tile: Tile, output: np.ndarray) -> None:
+        """Add one network output tile (C, *tile), halo included: only its inner region is used."""
+        inner = output[(slice(None), *tile.crop)]
+        w = self.grid.weights(tile, self.mode)
+        if w is None:
+            self.sum[(slice(None), *tile.target)] += inner
+            self.weight[tile.target] += 1.0
+        else:
+            self.sum[(slice(None), *tile.target)] += inner * w
+            self.weight[tile.target] += w
+
+    def add_constant(self, tile: Tile, value: np.ndarray) -> None:
+        """Add a tile whose output is ``value`` (one number per channel) everywhere."""
+        w = self.grid.weights(tile, self.mode)
+        shape = tuple(t.stop - t.start for t in tile.target)
+        w = np.ones(shape, np.float32) if w is None else w
+        self.sum[(slice(None), *tile.target)] += (
+            np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
+        )
+        self.weight[tile.target] += w
+
+    def result(self) -> np.ndarray:
+        np.divide(self.sum, self.weight, out=self.sum)
+        return self.sum
+
+
+# ------------------------------------------------------------------------------ background skipping
+
+
+def tile_statistic(x: np.ndarray) -> float:
+    """How much a (C, *tile) input varies: its standard deviation (cheap; flat background is ~noise)."""
+    return float(np.std(x, dtype=np.float64))
+
+
+def estimate_background_threshold(stats: Sequence[float], factor: float = 2.0) -> float:
+    """A tile is background when its statistic is below ``factor`` × the 10th percentile of all tiles'.
+
+    The assumption, as in the calibration sampler: at least a tenth of the tiles are flat background
+    (true of most light-sheet and slide scans, where the sample fills 20–30% of the field). On an
+    image that is sample everywhere set ``tiling.background.threshold`` yourself or leave skipping off.
+    """
+    return float(factor * np.percentile(np.asarray(stats, np.float64), 10)) if len(stats) else 0.0
