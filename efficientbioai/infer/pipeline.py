@@ -442,7 +442,9 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             out_axes = ("b" if len(images) > 1 else "") + (
                 ("c" if outputs[0].ndim > len(model_axes) - 2 + (len(images) > 1) else "") + model_axes[2:]
             )
-            write_image(opath, outputs[0], axes=out_axes)
+            write_image(
+                opath, outputs[0], axes=None if "b" in out_axes else out_axes
+            )  # no b in TIFF/OME axes
             if tpath is not None:
                 target = _read_target(tpath, outputs[0].shape, model_axes)
                 for run, out in zip(record.runs, outputs, strict=True):
