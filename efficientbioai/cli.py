@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="no files needed: train a small nuclei U-Net, compress it to int8, compare it with the original",
         description="Builds everything it needs (a small U-Net trained for a few seconds on generated "
         "nuclei images), compresses it to an int8 OpenVINO engine, runs the original and the compressed "
-        "model over a generated 2048×2048 image and prints the comparison. Takes 1–3 minutes on 2 cores.",
+        "model over a generated 2048×2048 image and prints the comparison. About a minute on 2 cores.",
     )
     p.add_argument(
         "--output", "-o", default="runs/demo", help="folder for the demo's files (default: runs/demo)"

@@ -220,7 +220,7 @@ class InferResult:
                     t[1] += r.voxels
                     t[2] += r.energy.joules if r.energy and r.energy.joules is not None else float("nan")
                     t[3] += 1
-        if len(self.images) > 1 or len(totals) > 1:
+        if len(self.images) > 1:
             for name, (sec, vox, joules, n) in totals.items():
                 rows.append(
                     [
