@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,6 @@ class Prediction:
     skipped: int = 0
     background_threshold: float | None = None
     tile_shape: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
