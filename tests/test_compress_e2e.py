@@ -115,6 +115,8 @@ def test_existing_output_is_kept_and_overwrite_replaces_it(tmp_path, monai3d):
     assert (out / "keep.txt").read_text() == "mine"
     proc = run_cli("compress", "--config", str(cfg), "--overwrite", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.lstrip().startswith("UNet: openvino int8")  # --quiet: the table only, no NNCF bars
+    assert "Statistics collection" not in proc.stdout + proc.stderr
     assert not (out / "keep.txt").exists() and (out / "manifest.yaml").is_file()
 
 

@@ -395,7 +395,7 @@ def _build(
         ov_model = to_openvino(onnx_path)
         if q.precision == "int8":
             tiles = parser.calibration_tiles(calib.inputs)
-            ov_model = quantize_int8(ov_model, tiles, q)
+            ov_model = quantize_int8(ov_model, tiles, q, quiet=quiet)
             transformations.append(
                 {
                     "step": "quantize_int8",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import numpy as np
@@ -17,8 +19,11 @@ def layer_names(
     return [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in types]
 
 
-def quantize_int8(ov_model, tiles: list[np.ndarray], cfg: QuantizeConfig):
-    """Return an int8 ``openvino.Model``; ``tiles`` are preprocessed (C, *spatial) float32 arrays."""
+def quantize_int8(ov_model, tiles: list[np.ndarray], cfg: QuantizeConfig, quiet: bool = False):
+    """Return an int8 ``openvino.Model``; ``tiles`` are preprocessed (C, *spatial) float32 arrays.
+
+    ``quiet`` hides NNCF's progress bars (it draws them on standard output, which is the report's).
+    """
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
@@ -41,16 +46,18 @@ def quantize_int8(ov_model, tiles: list[np.ndarray], cfg: QuantizeConfig):
         weights_quantization_params=QuantizationParameters(per_channel=cfg.per_channel)
     )
     dataset = nncf.Dataset(tiles, lambda t: np.ascontiguousarray(t[np.newaxis], dtype=np.float32))
+    silence = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
     try:
-        return nncf.quantize(
-            ov_model,
-            dataset,
-            preset=nncf.QuantizationPreset(cfg.preset),
-            subset_size=len(tiles),
-            fast_bias_correction=cfg.fast_bias_correction,
-            ignored_scope=ignored,
-            advanced_parameters=advanced,
-        )
+        with silence:
+            return nncf.quantize(
+                ov_model,
+                dataset,
+                preset=nncf.QuantizationPreset(cfg.preset),
+                subset_size=len(tiles),
+                fast_bias_correction=cfg.fast_bias_correction,
+                ignored_scope=ignored,
+                advanced_parameters=advanced,
+            )
     except Exception as exc:
         raise ExportError(
             f"NNCF int8 quantization failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
