@@ -285,3 +285,20 @@ def test_demo_cli_runs_with_no_files(tmp_path):
     dice = [float(line.split()[-2]) for line in out.splitlines() if line.startswith("nuclei_2048.tif ")]
     assert len(dice) == 2 and min(dice) > 0.9  # the trained demo network finds the nuclei, both engines
     assert (tmp_path / "demo" / "predictions" / "nuclei_2048.tif").is_file()
+
+
+def test_other_backends_and_tensorrt_message(tmp_path, artifact):
+    im, _ = nuclei((100, 120), seed=9)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", im)
+    outs = {}
+    for backend in ("onnxruntime", "torch"):
+        raw = _cfg(artifact, tmp_path / backend, input=str(tmp_path / "in"), energy=False, backend=backend)
+        result = infer(validate_config(raw, InferConfig), quiet=True)
+        assert result.images[0].runs[0].engine.startswith(backend)
+        outs[backend] = tifffile.imread(result.images[0].output)
+    # both run the fp32 network: the exported ONNX graph and PyTorch agree on the stitched image
+    np.testing.assert_allclose(outs["onnxruntime"], outs["torch"], rtol=1e-3, atol=1e-3)
+    raw = _cfg(artifact, tmp_path / "trt", input=str(tmp_path / "in"), backend="tensorrt")
+    with pytest.raises(ConfigError, match="tensorrt engines are not available yet"):
+        infer(validate_config(raw, InferConfig), quiet=True)
