@@ -77,3 +77,21 @@ def test_metric_limit_without_targets_is_rejected_before_any_work():
                 "fidelity": {"max_metric_drop": 0.01},
             }
         )
+
+
+def test_example_configs_are_valid(tmp_path, shared_model, monkeypatch):
+    """The configs in configs/ that the README points users to validate against the schemas."""
+    import yaml
+
+    from efficientbioai.config import CompressConfig, InferConfig, load_config, validate_config
+
+    from .conftest import REPO
+
+    monkeypatch.chdir(REPO)  # their relative paths are read from the repository root
+    assert (
+        load_config(REPO / "configs" / "unet2d_nuclei_int8.yaml", CompressConfig).model.kind == "bioimageio"
+    )
+    data = yaml.safe_load((REPO / "configs" / "unet2d_nuclei_infer.yaml").read_text())
+    (tmp_path / "manifest.yaml").write_text("manifest_version: 1\n")  # stands in for `compress`'s artifact
+    cfg = validate_config({**data, "model": str(tmp_path)}, InferConfig)
+    assert cfg.compare_with_original and cfg.tiling.tile_shape == [256, 256]
