@@ -14,10 +14,10 @@ shape the network accepts that still covers it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -139,7 +139,7 @@ class TileGrid:
             x = np.pad(x, ((0, 0), *tile.pad), mode=mode)
         return x
 
-    @cached_property
+    @functools.cached_property
     def _gaussian(self) -> np.ndarray:
         return blend_weights(self.inner, "gaussian")
 
@@ -168,25 +168,28 @@ def blend_weights(shape: Sequence[int], mode: str = "gaussian", sigma_scale: flo
 
 
 class Blender:
-    """Accumulates weighted tile outputs into a (C, *spatial) image; :meth:`result` normalises."""
+    """Accumulates weighted tile outputs into a (C, *spatial) image; :meth:`result` normalises.
+
+    The per-pixel sum of weights depends only on the grid (every tile, run or skipped, is added with the
+    same weights), so it is computed once per grid (:func:`inverse_weight`), not accumulated per tile.
+    """
 
     def __init__(self, grid: TileGrid, channels: int, mode: str = "gaussian"):
         if mode not in BLEND_MODES:
             raise ConfigError(f"tiling.blend: unknown mode '{mode}'", f"use one of {', '.join(BLEND_MODES)}")
         self.grid, self.mode = grid, mode
         self.sum = np.zeros((channels, *grid.image_shape), np.float32)
-        self.weight = np.zeros(grid.image_shape, np.float32)
 
     def add(self, tile: Tile, output: np.ndarray) -> None:
-        """Add one network output tile (C, *tile), halo included: only its inner region is used."""
+        """Add one network output tile (C, *tile), halo included: only its inner region is used.
+
+        ``output`` may be overwritten (the engines hand out a fresh array per batch).
+        """
         inner = output[(slice(None), *tile.crop)]
         w = self.grid.weights(tile, self.mode)
-        if w is None:
-            self.sum[(slice(None), *tile.target)] += inner
-            self.weight[tile.target] += 1.0
-        else:
-            self.sum[(slice(None), *tile.target)] += inner * w
-            self.weight[tile.target] += w
+        if w is not None:
+            inner = np.multiply(inner, w, out=inner) if inner.flags.writeable else inner * w
+        self.sum[(slice(None), *tile.target)] += inner
 
     def add_constant(self, tile: Tile, value: np.ndarray) -> None:
         """Add a tile whose output is ``value`` (one number per channel) everywhere."""
@@ -196,11 +199,20 @@ class Blender:
         self.sum[(slice(None), *tile.target)] += (
             np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
         )
-        self.weight[tile.target] += w
 
     def result(self) -> np.ndarray:
-        np.divide(self.sum, self.weight, out=self.sum)
+        np.multiply(self.sum, inverse_weight(self.grid, self.mode), out=self.sum)
         return self.sum
+
+
+@functools.lru_cache(maxsize=1)  # images of one shape share it; one volume-sized map stays resident
+def inverse_weight(grid: TileGrid, mode: str) -> np.ndarray:
+    """1 / (sum of the blending weights of every tile) per pixel of the grid's image."""
+    weight = np.zeros(grid.image_shape, np.float32)
+    for tile in grid:
+        w = grid.weights(tile, mode)
+        weight[tile.target] += 1.0 if w is None else w
+    return np.reciprocal(weight, out=weight)
 
 
 # ------------------------------------------------------------------------------ background skipping
