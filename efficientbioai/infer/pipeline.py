@@ -55,8 +55,8 @@ def open_engine(
     """The artifact's engine for ``backend`` (default: its primary engine).
 
     OpenVINO compiles with the THROUGHPUT hint by default: whole-image inference keeps several requests
-    in flight, and on this project's 2-core CPU that was 10% faster end to end than LATENCY
-    (benchmarks/infer_cpu.py).
+    in flight. On an idle 2-core CPU neither hint wins consistently (benchmarks/infer_cpu.py), but
+    THROUGHPUT slowed down far less when other processes competed for the cores.
     """
     engines = manifest["engines"]
     backend = backend or engines["primary"]["backend"]
