@@ -52,6 +52,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from compress_cpu import cpu_model  # the sibling benchmark script (its folder is on sys.path)
 
 from efficientbioai.engines import default_threads
 from efficientbioai.report import table
@@ -88,16 +89,6 @@ def default_hint() -> str:
     from efficientbioai.infer.pipeline import open_engine
 
     return inspect.signature(open_engine).parameters["hint"].default
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def quiet_libraries(nncf: bool = False) -> None:
