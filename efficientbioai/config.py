@@ -6,6 +6,7 @@ Relative paths in a config are read from the current working directory, as on th
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +112,90 @@ class CalibrationConfig(_Strict):
     seed: int = Field(0, description="random seed of the tile sampler")
 
 
+class MaxDropConfig(_Strict):
+    """An accuracy budget against the original model."""
+
+    metric: Literal["pearson", "task"] = Field(
+        "pearson",
+        description="pearson: Pearson r of the output against the original model's (no labels needed); "
+        "task: the task metric against calibration.targets (Pearson r for restoration, IoU for semantic)",
+    )
+    value: float = Field(gt=0, description="the largest drop allowed, e.g. 0.01")
+    type: Literal["absolute", "relative"] = Field(
+        "absolute", description="absolute: original − compressed; relative: that divided by the original"
+    )
+
+
+class FineTuneConfig(_Strict):
+    """Recovering accuracy after pruning, on tiles of the calibration images."""
+
+    steps: int = Field(200, ge=0, description="optimizer steps (0: no fine-tuning)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(2, ge=1, description="tiles per step")
+    tile_shape: list[int] | None = Field(
+        None, description="spatial shape of training tiles (default: calibration.tile_shape)"
+    )
+    mode: Literal["auto", "supervised", "distill"] = Field(
+        "auto",
+        description="supervised: the task's loss against calibration.targets; distill: match the original "
+        "model's outputs (no labels needed); auto: supervised when targets are given, else distill",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="validate every this many steps and keep the best (default: steps / 10)"
+    )
+    val_tiles: int = Field(
+        8, ge=1, description="validation tiles that pick the best checkpoint (apart from the fidelity tiles)"
+    )
+
+
+class PruneConfig(_Strict):
+    """Structured pruning: whole channels are removed, so the network gets physically smaller."""
+
+    method: Literal["l1", "l2", "fpgm"] = Field(
+        "l1", description="filter importance: L1 or L2 norm of the weights, or FPGM (geometric median)"
+    )
+    ratio: float | list[float] = Field(
+        0.5,
+        description="fraction of channels removed from every prunable layer; a list of ratios is for "
+        "quantize.strategy auto, which tries each",
+    )
+    layer_ratios: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-layer ratios, as {regular expression over module names: ratio}; other layers use ratio",
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="module names (regular expressions) left alone; the output layers always are",
+    )
+    round_to: int = Field(8, ge=1, description="channel counts kept at multiples of this (engines like 8/16)")
+    global_pruning: bool = Field(
+        False, description="rank channels across all layers instead of removing `ratio` from each"
+    )
+    finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratios(cls, v: float | list[float]) -> float | list[float]:
+        for r in v if isinstance(v, list) else [v]:
+            if not 0 < r < 1:
+                raise ValueError(f"pruning ratio {r} must lie strictly between 0 and 1, e.g. 0.5")
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one ratio")
+        return v
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _layer_ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, r in v.items():
+            if not 0 <= r < 1:
+                raise ValueError(f"ratio {r} for '{k}' must be in [0, 1)")
+        return v
+
+    @property
+    def ratios(self) -> list[float]:
+        return list(self.ratio) if isinstance(self.ratio, list) else [self.ratio]
+
+
 class QuantizeConfig(_Strict):
     """How the model is made smaller and faster."""
 
@@ -135,6 +220,35 @@ class QuantizeConfig(_Strict):
         default_factory=list,
         description="int8: operation types kept in float, e.g. [ConvolutionBackpropData]",
     )
+    max_drop: MaxDropConfig | None = Field(
+        None,
+        description="accuracy budget: how much the chosen metric may drop against the original "
+        "(a number is shorthand for {metric: pearson, value: <number>}). With precision int8, NNCF's "
+        "accuracy-controlled quantization keeps the most sensitive layers in float until it holds",
+    )
+    strategy: Literal["fixed", "auto"] = Field(
+        "fixed",
+        description="fixed: build `precision`; auto: try int8 → int8 with float fallback → bf16 → fp32 "
+        "(with and without pruning at prune.ratio) and keep the fastest within quantize.max_drop",
+    )
+
+    @field_validator("max_drop", mode="before")
+    @classmethod
+    def _drop_shorthand(cls, v: Any) -> Any:
+        return {"value": v} if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _auto_needs_budget(self) -> QuantizeConfig:
+        if self.strategy == "auto" and self.max_drop is None:
+            raise ValueError(
+                "quantize.strategy auto needs an accuracy budget: set quantize.max_drop (e.g. 0.01)"
+            )
+        if self.strategy == "auto" and "precision" in self.model_fields_set:
+            raise ValueError(
+                "quantize.strategy auto chooses the precision itself: remove quantize.precision, or use "
+                "strategy: fixed"
+            )
+        return self
 
 
 class ExportConfig(_Strict):
@@ -195,8 +309,47 @@ class CompressConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    prune: PruneConfig | None = Field(
+        None, description="structured pruning with fine-tuning before quantization (default: none)"
+    )
     output: Path = Field(description="artifact directory to create")
     overwrite: bool = Field(False, description="replace an existing artifact directory")
+
+    @model_validator(mode="after")
+    def _budget_and_pruning(self) -> CompressConfig:
+        md = self.quantize.max_drop
+        if (
+            md is not None
+            and md.metric == "task"
+            and (self.fidelity.task is None or self.calibration.targets is None)
+        ):
+            raise ValueError(
+                "quantize.max_drop.metric task needs a task metric: set fidelity.task and "
+                "calibration.targets, or use metric: pearson (against the original, no labels needed)"
+            )
+        p = self.prune
+        if (
+            p is not None
+            and isinstance(p.ratio, list)
+            and len(p.ratio) > 1
+            and self.quantize.strategy != "auto"
+        ):
+            raise ValueError(
+                "prune.ratio: several ratios are only tried by quantize.strategy auto; give one ratio"
+            )
+        if p is not None and p.finetune.mode == "supervised" and self.calibration.targets is None:
+            raise ValueError(
+                "prune.finetune.mode supervised needs calibration.targets; use mode distill to learn "
+                "from the original model's outputs instead"
+            )
+        if "openvino" not in self.export.targets and (
+            self.quantize.strategy == "auto" or self.quantize.precision != "fp32"
+        ):
+            raise ValueError(
+                f"quantize: precision {self.quantize.precision if self.quantize.strategy == 'fixed' else 'auto'} "
+                "needs the OpenVINO engine; add openvino to export.targets, or use precision fp32"
+            )
+        return self
 
     @model_validator(mode="after")
     def _metric_limit_needs_targets(self) -> CompressConfig:
@@ -302,6 +455,14 @@ class InferConfig(_Strict):
         return v.lower() if v else v
 
 
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as ``PruneConfig | None``."""
+    for a in (annotation, *typing.get_args(annotation)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
 def _format_errors(err: ValidationError, model: type[BaseModel], source: str) -> str:
     lines = [f"{source}: {err.error_count()} problem(s) in the configuration"]
     for e in err.errors():
@@ -310,7 +471,7 @@ def _format_errors(err: ValidationError, model: type[BaseModel], source: str) ->
             parent = model
             for part in e["loc"][:-1]:
                 field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
-                parent = field.annotation if field is not None else None
+                parent = _model_of(field.annotation) if field is not None else None
             known = (
                 list(parent.model_fields)
                 if isinstance(parent, type) and issubclass(parent, BaseModel)

@@ -7,7 +7,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,14 @@ import numpy as np
 import efficientbioai
 from efficientbioai import metrics
 from efficientbioai.compress.export import copy_onnx, export_onnx, save_openvino, slim_onnx, to_openvino
-from efficientbioai.compress.quantize import quantize_int8
+from efficientbioai.compress.prune import check_prunable, count_parameters, fine_tune, prune
+from efficientbioai.compress.quantize import quantize_int8, quantize_int8_accuracy_control
 from efficientbioai.config import CompressConfig
 from efficientbioai.engines import (
     Engine,
     OnnxRuntimeEngine,
     OpenVINOEngine,
+    TorchEngine,
     default_threads,
     median_latency_ms,
     reference_engine,
@@ -33,7 +35,7 @@ from efficientbioai.models import LoadedModel, load_model
 from efficientbioai.models.base import sha256
 from efficientbioai.processing import apply_steps
 from efficientbioai.report import human_bytes, human_count, table
-from efficientbioai.sampling import Tiles, sample_tiles
+from efficientbioai.sampling import Tiles, pad_to, sample_tiles
 from efficientbioai.tiling import round_up, valid_size
 
 DEFAULT_TILE = {2: (256, 256), 3: (32, 128, 128)}
@@ -234,7 +236,11 @@ class CompressResult:
     def table(self) -> str:
         m = self.manifest
         fid = m["fidelity"]
-        lines = [
+        lines = []
+        strat = m.get("strategy") or {}
+        if len(strat.get("candidates", [])) > 1:
+            lines.append(candidates_table(m))
+        lines += [
             table(
                 ["", "original", "compressed", "ratio"],
                 _rows(m),
@@ -298,38 +304,61 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _load(cfg: CompressConfig):
+    """Load the model; for pruning, a bioimage.io package's PyTorch weights are preferred (prunable)."""
+    if cfg.prune is not None and cfg.model.kind == "bioimageio" and cfg.model.weights is None:
+        try:
+            return load_model(cfg.model.model_copy(update={"weights": "pytorch_state_dict"}))
+        except EfficientBioAIError:
+            pass  # no usable state dict: load as usual, check_prunable then says why it cannot be pruned
+    return load_model(cfg.model)
+
+
 def compress(cfg: CompressConfig, *, quiet: bool = False) -> CompressResult:
     """Compress the configured model into an artifact directory and check it against the original."""
     out = _prepare_output(cfg)
     threads = cfg.engine.threads or default_threads()
-    q = cfg.quantize
-    if "openvino" not in cfg.export.targets and q.precision != "fp32":
-        raise ConfigError(
-            f"quantize.precision: {q.precision} needs the OpenVINO engine",
-            "add openvino to export.targets, or use precision fp32 with the ONNX engine",
-        )
 
-    _log(f"[1/6] loading model ({cfg.model.kind})", quiet)
-    parser, loaded = load_model(cfg.model)
+    _log(f"[1/5] loading model ({cfg.model.kind})", quiet)
+    parser, loaded = _load(cfg)
+    if cfg.prune is not None:
+        check_prunable(loaded.module)
 
-    _log("[2/6] reading images and sampling tiles", quiet)
+    _log("[2/5] reading images and sampling tiles", quiet)
     images, targets, image_names = read_calibration_images(cfg, loaded)
     tile_shape = resolve_tile_shape(cfg.calibration.tile_shape, loaded, images)
+    n_cal = cfg.calibration.num_tiles
+    n_val = 0
+    if cfg.prune is not None:
+        n_val = cfg.prune.finetune.val_tiles
+    elif cfg.quantize.max_drop is not None:
+        n_val = cfg.fidelity.num_tiles
     calib, holdout = sample_tiles(
         images,
         tile_shape,
-        cfg.calibration.num_tiles,
+        n_cal + n_val,
         cfg.fidelity.num_tiles,
         targets=targets,
         background_fraction=cfg.calibration.background_fraction,
         seed=cfg.calibration.seed,
+    )
+    val = Tiles(
+        inputs=calib.inputs[n_cal:],
+        targets=calib.targets[n_cal:] if calib.targets is not None else None,
+    )
+    calib = Tiles(
+        inputs=calib.inputs[:n_cal],
+        targets=calib.targets[:n_cal] if calib.targets is not None else None,
+        positions=calib.positions[:n_cal],
+        background=calib.background,
     )
     if loaded.module is not None:
         loaded.module = parser.fine_tune(loaded.module, calib.inputs)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        manifest = _build(cfg, parser, loaded, calib, holdout, tile_shape, image_names, threads, tmp, quiet)
+        data = _Data(images, targets, image_names, calib, holdout, val, tuple(tile_shape))
+        manifest = _build(cfg, parser, loaded, data, threads, tmp, quiet)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -337,44 +366,39 @@ def compress(cfg: CompressConfig, *, quiet: bool = False) -> CompressResult:
     return CompressResult(output=out, manifest=manifest)
 
 
-def _build(
-    cfg,
-    parser,
-    loaded: LoadedModel,
-    calib: Tiles,
-    holdout: Tiles,
-    tile_shape,
-    image_names,
-    threads,
-    tmp: Path,
-    quiet: bool,
-) -> dict[str, Any]:
-    q = cfg.quantize
-    transformations: list[dict[str, Any]] = []
-    onnx_path = tmp / "model.onnx"
-    example = holdout.inputs[0][np.newaxis]
+@dataclass
+class _Data:
+    images: list[np.ndarray]
+    targets: list[np.ndarray] | None
+    names: list[str]
+    calib: Tiles
+    holdout: Tiles
+    val: Tiles
+    tile_shape: tuple[int, ...]
 
-    _log("[3/6] exporting to ONNX", quiet)
-    if loaded.module is not None:
-        export_onnx(loaded.module, example, onnx_path, loaded.axes, cfg.export.opset)
-        transformations.append(
-            {"step": "export_onnx", "opset": cfg.export.opset, "dynamic_axes": "batch+spatial"}
-        )
+
+def _export(module, loaded: LoadedModel, example: np.ndarray, directory: Path, cfg, threads: int):
+    """ONNX export (or copy) + slimming + a parity check against ``module``; returns (path, transformations)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx_path = directory / "model.onnx"
+    steps: list[dict[str, Any]] = []
+    if module is not None:
+        export_onnx(module, example, onnx_path, loaded.axes, cfg.export.opset)
+        steps.append({"step": "export_onnx", "opset": cfg.export.opset, "dynamic_axes": "batch+spatial"})
     else:
         copy_onnx(loaded.onnx_path, onnx_path)
-        transformations.append({"step": "onnx_dynamic_axes", "dynamic_axes": "batch+spatial"})
+        steps.append({"step": "onnx_dynamic_axes", "dynamic_axes": "batch+spatial"})
     if cfg.export.slim:
         slim_onnx(onnx_path)
-        transformations.append({"step": "onnxslim"})
-
-    ref_engine = reference_engine(loaded, threads)
+        steps.append({"step": "onnxslim"})
+    ref = TorchEngine(module, threads) if module is not None else reference_engine(loaded, threads)
     # The exported graph must compute what the network computes before anything else is built on it.
     with OnnxRuntimeEngine(onnx_path, threads) as ort_engine:
         try:
-            parity = metrics.relative_l2(ort_engine(example), ref_engine(example))
+            parity = metrics.relative_l2(ort_engine(example), ref(example))
         except Exception as exc:
             raise ExportError(
-                f"the exported ONNX model does not run at tile shape {list(tile_shape)}: "
+                f"the exported ONNX model does not run at tile shape {list(example.shape[2:])}: "
                 f"{str(exc).strip().splitlines()[0][:300]}",
                 "the graph may hard-code its input size: re-export it with dynamic axes, or use TorchScript "
                 "weights (model.weights: torchscript)",
@@ -384,77 +408,195 @@ def _build(
             f"the exported ONNX model differs from the original network (relative L2 {parity:.3g})",
             "an operation was exported incorrectly: try another export.opset or report the network",
         )
+    return onnx_path, steps
 
-    engines: dict[str, Any] = {"onnx": {"path": "model.onnx", "precision": "fp32", "backend": "onnxruntime"}}
-    if "openvino" in cfg.export.targets:
-        _log(
-            "[4/6] converting to OpenVINO"
-            + (" and quantizing to int8 (NNCF)" if q.precision == "int8" else ""),
-            quiet,
-        )
-        ov_model = to_openvino(onnx_path)
-        if q.precision == "int8":
-            tiles = parser.calibration_tiles(calib.inputs)
-            ov_model = quantize_int8(ov_model, tiles, q, quiet=quiet)
-            transformations.append(
-                {
-                    "step": "quantize_int8",
-                    "tool": "nncf",
-                    "preset": q.preset,
-                    "per_channel": q.per_channel,
-                    "fast_bias_correction": q.fast_bias_correction,
-                    "keep_float": q.keep_float,
-                    "keep_float_types": q.keep_float_types,
-                    "calibration_tiles": len(tiles),
-                }
-            )
-        xml = save_openvino(
-            ov_model, tmp / "openvino" / "model.xml", compress_weights_to_fp16=q.precision in ("fp16", "bf16")
-        )
-        engine = OpenVINOEngine(xml, q.precision, threads)
-        if q.precision in ("fp16", "bf16"):
-            transformations.append(
-                {
-                    "step": "engine_precision",
-                    "requested": q.precision,
-                    "runs": engine.precision,
-                    "weights_stored_as": "fp16",
-                }
-            )
-        engines["openvino"] = {"path": "openvino/model.xml", **engine.describe()}
-        engines["primary"] = engines["openvino"]
-    else:
-        _log("[4/6] ONNX Runtime engine (fp32)", quiet)
-        engine = OnnxRuntimeEngine(onnx_path, threads)
-        engines["primary"] = {**engines["onnx"], **engine.describe()}
 
-    _log(f"[5/6] checking fidelity on {len(holdout.inputs)} held-out tiles", quiet)
+@dataclass
+class Candidate:
+    """One way of compressing the model: a network (original or pruned) at one precision."""
+
+    precision: str
+    prune_ratio: float | None = None
+    fallback: bool = False  # int8 with NNCF accuracy control (sensitive layers back to float)
+    status: str = ""
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    parameters: int | None = None
+    size_bytes: int | None = None
+    drop: float | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    directory: Path | None = None
+    onnx_path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        p = "int8 + float fallback" if self.fallback else self.precision
+        return p if self.prune_ratio is None else f"prune {self.prune_ratio:g} + {p}"
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" + ", "_").replace(" ", "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "prune_ratio": self.prune_ratio,
+            "float_fallback": self.fallback,
+            "status": self.status,
+            "latency_ms": self.latency.get("median_ms"),
+            "parameters": self.parameters,
+            "size_bytes": self.size_bytes,
+            "pearson": self.fidelity.get("pearson"),
+            "metric_drop": self.drop,
+            "float_layers": next((s.get("float_layers") for s in self.steps if "float_layers" in s), None),
+        }
+
+
+class _Budget:
+    """``quantize.max_drop`` measured the same way for every candidate."""
+
+    def __init__(self, cfg: CompressConfig):
+        self.md = cfg.quantize.max_drop
+        self.cfg = cfg
+
+    def metric(self, outs: np.ndarray, refs: np.ndarray) -> float:
+        """Higher is better: Pearson r to the original's outputs, or the task metric against targets."""
+        if self.md.metric == "pearson":
+            return metrics.pearson(outs, refs)
+        if self.cfg.fidelity.task == "semantic":
+            return metrics.iou(outs > self.cfg.fidelity.threshold, refs > 0.5)
+        return metrics.pearson(outs, refs)
+
+    def allowed(self, original: float) -> float:
+        return self.md.value * (abs(original) if self.md.type == "relative" else 1.0)
+
+    def drop(self, fid: dict[str, Any]) -> float:
+        if self.md.metric == "pearson":
+            return 1.0 - fid["pearson"]
+        return fid["original_metric"] - fid["compressed_metric"]
+
+    def holds(self, fid: dict[str, Any]) -> bool:
+        original = 1.0 if self.md.metric == "pearson" else fid["original_metric"]
+        return self.drop(fid) <= self.allowed(original) + 1e-12
+
+    def describe(self) -> str:
+        what = "1 − Pearson r to the original" if self.md.metric == "pearson" else "task metric drop"
+        return f"{what} ≤ {self.md.value:g}" + (" (relative)" if self.md.type == "relative" else "")
+
+
+def _build(
+    cfg, parser, loaded: LoadedModel, data: _Data, threads: int, tmp: Path, quiet: bool
+) -> dict[str, Any]:
+    q = cfg.quantize
+    holdout = data.holdout
+    example = holdout.inputs[0][np.newaxis]
+    budget = _Budget(cfg) if q.max_drop is not None else None
+    auto = q.strategy == "auto"
+
+    ref_engine = reference_engine(loaded, threads)
     ref_out = run_tiles(ref_engine, holdout.inputs, loaded)
-    eng_out = run_tiles(engine, holdout.inputs, loaded)
     tgt = None
     if holdout.targets:
         tgt = np.concatenate([_crop_halo(t[np.newaxis], loaded.halo) for t in holdout.targets], axis=0)
-    fidelity = {
-        "tiles": len(holdout.inputs),
-        "background_tiles": holdout.background,
-        **fidelity_figures(ref_out, eng_out, tgt, cfg),
-    }
-    pkg = package_test(ref_engine, engine, loaded)
+    lat_ref = median_latency_ms(ref_engine, example, repeats=cfg.engine.latency_repeats)
 
-    _log("[6/6] measuring latency per tile", quiet)
-    reps = cfg.engine.latency_repeats
-    lat_ref = median_latency_ms(ref_engine, example, repeats=reps)
-    lat_eng = median_latency_ms(engine, example, repeats=reps)
-    engine.close()
-    ref_engine.close()
+    ratios: list[float | None] = [None]
+    if cfg.prune is not None:
+        ratios = [None, *cfg.prune.ratios] if auto else [cfg.prune.ratios[0]]
+    if auto:
+        precisions = [("int8", False), ("int8", True), ("bf16", False), ("fp32", False)]
+    else:
+        precisions = [(q.precision, q.precision == "int8" and budget is not None)]
 
-    problems = check_limits(fidelity, cfg)
-    if problems:
+    candidates: list[Candidate] = []
+    networks: dict[float | None, tuple[Any, Path, list[dict[str, Any]]]] = {}
+    for ratio in ratios:
+        module, net_steps = loaded.module, []
+        name = "original" if ratio is None else f"prune{ratio:g}"
+        if ratio is not None:
+            _log(f"[3/5] pruning {ratio:.0%} of the channels ({cfg.prune.method}) and fine-tuning", quiet)
+            module, net_steps = _prune_and_finetune(cfg, loaded, data, example, ratio, threads, quiet)
+        _log(f"[3/5] exporting the {'original' if ratio is None else 'pruned'} network to ONNX", quiet)
+        onnx_path, export_steps = _export(module, loaded, example, tmp / "candidates" / name, cfg, threads)
+        networks[ratio] = (module, onnx_path, net_steps + export_steps)
+    _log(
+        "[4/5] building and checking "
+        + ("candidates" if len(ratios) * len(precisions) > 1 else "the engine"),
+        quiet,
+    )
+    for ratio in ratios:
+        module, onnx_path, net_steps = networks[ratio]
+        params = count_parameters(module) if module is not None else _params(loaded)
+        for precision, fallback in precisions:
+            c = Candidate(
+                precision, ratio, fallback, parameters=params, steps=list(net_steps), onnx_path=onnx_path
+            )
+            plain = next(
+                (
+                    x
+                    for x in candidates
+                    if x.prune_ratio == ratio and x.precision == "int8" and not x.fallback
+                ),
+                None,
+            )
+            if auto and fallback and plain is not None and plain.status == "within budget":
+                c.status = "skipped: int8 already within budget"
+                candidates.append(c)
+                continue
+            c.directory = tmp / "candidates" / c.slug
+            try:
+                _build_candidate(
+                    c, cfg, parser, loaded, data, ref_engine, ref_out, tgt, budget, example, threads, quiet
+                )
+            except FidelityError as exc:
+                if not auto:
+                    raise
+                c.status = f"failed: {exc.problem}"
+            except EfficientBioAIError as exc:
+                if not auto:
+                    raise
+                c.status = f"failed: {getattr(exc, 'problem', exc)}"
+            candidates.append(c)
+            if c.latency:
+                _log(
+                    f"      {c.name:<28} {c.latency['median_ms']:8.1f} ms/tile  Pearson r {c.fidelity['pearson']:.5f}"
+                    + (f"  drop {c.drop:.4g}" if c.drop is not None else "")
+                    + f"  {c.status}",
+                    quiet,
+                )
+            else:
+                _log(f"      {c.name:<28} {c.status}", quiet)
+    ok = [c for c in candidates if c.status == "within budget"]
+    if not ok:
+        tried = "; ".join(f"{c.name}: {c.status}" for c in candidates)
+        limit = budget.describe() if budget is not None else "the fidelity limits"
         raise FidelityError(
-            "the compressed model is further from the original than allowed: " + "; ".join(problems),
-            "try quantize.preset: mixed, keep sensitive layers in float (quantize.keep_float), more "
-            "calibration tiles, or precision bf16; or relax the limit",
+            f"no candidate keeps {limit} on the held-out tiles ({tried})",
+            "relax quantize.max_drop / the fidelity limits, use a smaller prune.ratio or more fine-tuning "
+            "steps, try quantize.preset: mixed, or more calibration tiles",
         )
+    chosen = min(ok, key=lambda c: c.latency["median_ms"])
+    chosen.status = "chosen"
+
+    _log("[5/5] writing the artifact", quiet)
+    # The chosen candidate's files become the artifact; the others are discarded.
+    shutil.move(str(chosen.onnx_path), str(tmp / "model.onnx"))
+    if (chosen.directory / "openvino").is_dir():
+        shutil.move(str(chosen.directory / "openvino"), str(tmp / "openvino"))
+    shutil.rmtree(tmp / "candidates", ignore_errors=True)
+
+    engines: dict[str, Any] = {"onnx": {"path": "model.onnx", "precision": "fp32", "backend": "onnxruntime"}}
+    if (tmp / "openvino").is_dir():
+        engines["openvino"] = {"path": "openvino/model.xml", **chosen.engine}
+        engines["primary"] = engines["openvino"]
+        final = OpenVINOEngine(tmp / "openvino" / "model.xml", chosen.precision, threads)
+    else:
+        engines["primary"] = {**engines["onnx"], **chosen.engine}
+        final = OnnxRuntimeEngine(tmp / "model.onnx", threads)
+    with final, ref_engine:
+        pkg = package_test(ref_engine, final, loaded)
 
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     compressed_bytes = (
@@ -475,34 +617,212 @@ def _build(
             "preprocessing": loaded.preprocessing,
         },
         "output": {"channels": int(ref_out.shape[1]), "postprocessing": loaded.postprocessing},
-        "precision": q.precision,
-        "transformations": transformations,
+        "precision": chosen.precision,
+        "transformations": chosen.steps,
         "engines": engines,
         "calibration": {
-            "images": image_names,
-            "tile_shape": list(tile_shape),
-            "tiles": len(calib.inputs),
-            "background_tiles": calib.background,
+            "images": data.names,
+            "tile_shape": list(data.tile_shape),
+            "tiles": len(data.calib.inputs),
+            "background_tiles": data.calib.background,
             "seed": cfg.calibration.seed,
         },
-        "fidelity": fidelity,
+        "fidelity": chosen.fidelity,
         "package_test": pkg,
         "latency": {
-            "tile_shape": [1, loaded.in_channels, *tile_shape],
+            "tile_shape": [1, loaded.in_channels, *data.tile_shape],
             "threads": threads,
             "original": {"backend": ref_engine.backend, "precision": "fp32", **lat_ref},
-            "compressed": {**engine.describe(), **lat_eng},
+            "compressed": {**chosen.engine, **chosen.latency},
         },
         "size": {
             "parameters": _params(loaded),
+            "parameters_compressed": chosen.parameters,
             "original_bytes": _original_bytes(loaded),
             "compressed_bytes": compressed_bytes,
+        },
+        "strategy": {
+            "mode": q.strategy,
+            "budget": q.max_drop.model_dump() if q.max_drop is not None else None,
+            "chosen": chosen.name,
+            "candidates": [c.as_dict() for c in candidates],
         },
         "versions": versions(),
         "files": files,
     }
     write_manifest(tmp, manifest)
     return manifest
+
+
+def _prune_and_finetune(
+    cfg, loaded: LoadedModel, data: _Data, example, ratio: float, threads: int, quiet: bool
+):
+    pc = cfg.prune
+    module, prep = prune(loaded.module, example, pc, ratio)
+    _log(
+        f"      {human_count(prep.params_before)} → {human_count(prep.params_after)} parameters "
+        f"(output layers left alone: {', '.join(prep.ignored)})",
+        quiet,
+    )
+    ft_tile = tuple(pc.finetune.tile_shape or data.tile_shape)
+    if len(ft_tile) != loaded.ndim or not all(
+        valid_size(t, m, s) for t, m, s in zip(ft_tile, loaded.tile_min, loaded.tile_step, strict=True)
+    ):
+        raise ConfigError(
+            f"prune.finetune.tile_shape: {list(ft_tile)} is not a shape this network accepts",
+            f"use one like calibration.tile_shape {list(data.tile_shape)}",
+        )
+    images = [pad_to(im, ft_tile) for im in data.images]
+    targets = [pad_to(np.asarray(t, np.float32), ft_tile) for t in data.targets] if data.targets else None
+    module, ft = fine_tune(
+        module,
+        loaded.module,
+        images,
+        targets,
+        data.val.inputs,
+        ft_tile,
+        pc.finetune,
+        task=cfg.fidelity.task,
+        postprocessing=loaded.postprocessing,
+        halo=loaded.halo,
+        threads=threads,
+        seed=cfg.calibration.seed,
+        quiet=quiet,
+    )
+    if ft.steps:
+        _log(
+            f"      fine-tuned {ft.steps} steps ({ft.mode}): validation Pearson r to the original "
+            f"{ft.val_pearson_before:.4f} → {ft.val_pearson_best:.4f} (best at step {ft.best_step})",
+            quiet,
+        )
+    return module, [prep.as_dict(), ft.as_dict()]
+
+
+def _build_candidate(
+    c: Candidate, cfg, parser, loaded, data: _Data, ref_engine, ref_out, tgt, budget, example, threads, quiet
+):
+    q = cfg.quantize
+    if "openvino" not in cfg.export.targets:
+        engine = OnnxRuntimeEngine(c.onnx_path, threads)
+        c.size_bytes = c.onnx_path.stat().st_size
+    else:
+        ov_model = to_openvino(c.onnx_path)
+        if c.precision == "int8":
+            tiles = parser.calibration_tiles(data.calib.inputs)
+            step = {
+                "step": "quantize_int8",
+                "tool": "nncf",
+                "preset": q.preset,
+                "per_channel": q.per_channel,
+                "fast_bias_correction": q.fast_bias_correction,
+                "keep_float": q.keep_float,
+                "keep_float_types": q.keep_float_types,
+                "calibration_tiles": len(tiles),
+            }
+            if c.fallback:
+                ov_model, step = _accuracy_controlled(
+                    c, ov_model, tiles, step, cfg, loaded, data, budget, ref_engine, threads, quiet
+                )
+            else:
+                ov_model = quantize_int8(ov_model, tiles, q, quiet=quiet)
+            c.steps.append(step)
+        xml = save_openvino(
+            ov_model,
+            c.directory / "openvino" / "model.xml",
+            compress_weights_to_fp16=c.precision in ("fp16", "bf16"),
+        )
+        engine = OpenVINOEngine(xml, c.precision, threads)
+        if c.precision in ("fp16", "bf16"):
+            c.steps.append(
+                {
+                    "step": "engine_precision",
+                    "requested": c.precision,
+                    "runs": engine.precision,
+                    "weights_stored_as": "fp16",
+                }
+            )
+        c.size_bytes = sum(p.stat().st_size for p in (c.directory / "openvino").iterdir())
+    with engine:
+        out = run_tiles(engine, data.holdout.inputs, loaded)
+        c.fidelity = {
+            "tiles": len(data.holdout.inputs),
+            "background_tiles": data.holdout.background,
+            **fidelity_figures(ref_out, out, tgt, cfg),
+        }
+        c.latency = median_latency_ms(engine, example, repeats=cfg.engine.latency_repeats)
+        c.engine = engine.describe()
+    problems = check_limits(c.fidelity, cfg)
+    if budget is not None:
+        c.drop = budget.drop(c.fidelity)
+        if not budget.holds(c.fidelity):
+            problems.append(f"drop {c.drop:.4g} exceeds quantize.max_drop ({budget.describe()})")
+    if problems:
+        c.status = "over budget: " + "; ".join(problems)
+        if q.strategy != "auto":
+            raise FidelityError(
+                "the compressed model is further from the original than allowed: " + "; ".join(problems),
+                "try quantize.preset: mixed, keep sensitive layers in float (quantize.keep_float), more "
+                "calibration tiles, precision bf16, or quantize.strategy: auto; or relax the limit",
+            )
+    else:
+        c.status = "within budget"
+
+
+def _accuracy_controlled(
+    c, ov_model, tiles, step, cfg, loaded, data: _Data, budget: _Budget, ref_engine, threads, quiet
+):
+    """int8 with float fallback: NNCF keeps reverting the most sensitive layers until the budget holds."""
+    if not data.val.inputs:  # pragma: no cover - compress samples them whenever a budget is set
+        raise ConfigError("quantize.max_drop: no validation tiles", "set calibration.num_tiles")
+    md = cfg.quantize.max_drop
+    if md.metric == "pearson":
+        val_refs = [run_tiles(ref_engine, [t], loaded) for t in data.val.inputs]
+    else:
+        if not data.val.targets:
+            raise ConfigError(
+                "quantize.max_drop.metric task needs calibration.targets", "give calibration.targets"
+            )
+        val_refs = [_crop_halo(t[np.newaxis], loaded.halo) for t in data.val.targets]
+        orig = [run_tiles(ref_engine, [t], loaded) for t in data.val.inputs]
+    # NNCF measures the drop from the float network it quantizes; a pruned network has already spent
+    # part of the budget, which is measured here against the original and subtracted.
+    with OnnxRuntimeEngine(c.onnx_path, threads) as fp32:
+        net_out = [run_tiles(fp32, [t], loaded) for t in data.val.inputs]
+    refs_all = np.concatenate(val_refs)
+    m_orig = 1.0 if md.metric == "pearson" else budget.metric(np.concatenate(orig), refs_all)
+    m_net = budget.metric(np.concatenate(net_out), refs_all)
+    allowed = budget.allowed(m_orig) - (m_orig - m_net)
+    if allowed <= 0:
+        raise FidelityError(
+            f"the {'pruned ' if c.prune_ratio else ''}float network already uses the whole budget "
+            f"({m_orig - m_net:.4g} of {budget.allowed(m_orig):.4g})",
+            "prune less or fine-tune longer",
+        )
+
+    def post(o):
+        return _crop_halo(postprocess(o, loaded), loaded.halo)
+
+    items = [(t[np.newaxis].astype(np.float32), r) for t, r in zip(data.val.inputs, val_refs, strict=True)]
+    model, kept = quantize_int8_accuracy_control(
+        ov_model,
+        tiles,
+        cfg.quantize,
+        items,
+        lambda outs, refs: budget.metric(np.concatenate([post(o) for o in outs]), np.concatenate(refs)),
+        lambda o, r: budget.metric(post(o), r),
+        max_drop=allowed,
+        quiet=quiet,
+    )
+    step = {
+        **step,
+        "accuracy_control": {
+            "tool": "nncf.quantize_with_accuracy_control",
+            "max_drop": allowed,
+            "metric": md.metric,
+        },
+        "float_layers": kept,
+    }
+    return model, step
 
 
 def _model_spec(model_cfg) -> dict[str, Any]:
@@ -520,7 +840,14 @@ def _rows(m: dict[str, Any]) -> list[list[Any]]:
     ob, cb = size["original_bytes"], size["compressed_bytes"]
     rows = [
         ["engine", f"{o['backend']} fp32", f"{c['backend']} {m['precision']}", ""],
-        ["parameters", human_count(size["parameters"]), human_count(size["parameters"]), ""],
+        [
+            "parameters",
+            human_count(size["parameters"]),
+            human_count(size.get("parameters_compressed") or size["parameters"]),
+            f"{size['parameters'] / size['parameters_compressed']:.2f}x fewer"
+            if size.get("parameters_compressed") and size["parameters_compressed"] != size["parameters"]
+            else "",
+        ],
         ["file size", human_bytes(ob), human_bytes(cb), f"{ob / cb:.2f}x smaller" if ob else ""],
         [
             f"latency / tile {tuple(lat['tile_shape'])}",
@@ -541,3 +868,32 @@ def _rows(m: dict[str, Any]) -> list[list[Any]]:
             ]
         )
     return rows
+
+
+def candidates_table(m: dict[str, Any]) -> str:
+    """What ``quantize.strategy: auto`` tried, as a table (from the manifest)."""
+    strat = m["strategy"]
+    ref = m["latency"]["original"]["median_ms"]
+    rows = []
+    for c in strat["candidates"]:
+        lat = c["latency_ms"]
+        rows.append(
+            [
+                c["name"],
+                f"{lat:.1f} ms" if lat else "-",
+                f"{ref / lat:.2f}x" if lat else "-",
+                human_count(c["parameters"]) if c["parameters"] else "-",
+                human_bytes(c["size_bytes"]) if c["size_bytes"] else "-",
+                f"{c['pearson']:.5f}" if c["pearson"] is not None else "-",
+                f"{c['metric_drop']:.4g}" if c["metric_drop"] is not None else "-",
+                c["status"] if len(c["status"]) < 60 else c["status"][:57] + "...",
+            ]
+        )
+    budget = strat.get("budget") or {}
+    title = (
+        f"strategy auto: budget {budget.get('metric')} drop ≤ {budget.get('value')} ({budget.get('type')}); "
+        f"PyTorch fp32 eager {ref:.1f} ms/tile; chosen: {strat['chosen']}"
+    )
+    return table(
+        ["candidate", "latency/tile", "speed-up", "params", "size", "Pearson r", "drop", "status"], rows, title=title
+    )
