@@ -21,6 +21,7 @@ from efficientbioai import metrics
 from efficientbioai.config import FineTuneConfig, PruneConfig
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 
+
 def _is_conv(module) -> bool:
     import torch
 
