@@ -1,0 +1,223 @@
+"""Pruning + int8 on the 3D benchmark U-Net: is it faster than int8 alone, and as faithful after fine-tuning?
+
+    python benchmarks/prune_cpu.py [--threads 2] [--train-steps 300] [--finetune-steps 300] [--repeats 20]
+
+The network is the 3D benchmark model of ``benchmarks/compress_cpu.py`` (MONAI UNet, channels 16…256,
+2 residual units), first *trained* here for a few minutes to denoise generated 3D nuclei volumes
+(random weights hide what pruning and quantization lose; DESIGN.md). Then ``efficientbioai compress``
+builds three artifacts from it, through the public API and the same config keys a user writes:
+
+  fp32                 OpenVINO fp32 (conversion only)
+  int8                 NNCF int8, calibrated on tiles of the user's (here: generated) volumes
+  prune 50% + int8     L1 filter pruning of half the channels, fine-tuned by distillation from the
+                       original (no labels used), then NNCF int8
+
+Every engine is timed on the same 1×1×32×128×128 tile in interleaved rounds (each round runs every engine
+once, in a rotating order) with the same threads. Fidelity is what `compress` measured on its held-out
+tiles (Pearson r against the original network); "r vs truth" scores the test tile against the clean
+volume the noisy input was made from.
+
+Targets (issue 6): prune + int8 ≥ 1.3× faster than int8 alone, Pearson drop ≤ 0.01 vs the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compress_cpu import cpu_model, interleaved_latency  # noqa: E402
+
+from efficientbioai import metrics  # noqa: E402
+from efficientbioai.compress import compress  # noqa: E402
+from efficientbioai.config import validate_config  # noqa: E402
+from efficientbioai.engines import OpenVINOEngine, TorchEngine  # noqa: E402
+from efficientbioai.report import human_bytes, human_count, table  # noqa: E402
+from efficientbioai.synthetic import nuclei  # noqa: E402
+
+KWARGS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "channels": [16, 32, 64, 128, 256],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 2,
+}
+TILE = (32, 128, 128)
+NOISE = 0.25
+MIN_SPEEDUP_VS_INT8, MAX_PEARSON_DROP = 1.3, 0.01
+
+
+def volumes(n: int, shape, seed0: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(noisy, clean) pairs: the same generated nuclei with and without noise."""
+    out = []
+    for s in range(seed0, seed0 + n):
+        clean, _ = nuclei(shape, density=1.5, radius=(4.0, 8.0), seed=s, noise=0.0)
+        noisy, _ = nuclei(shape, density=1.5, radius=(4.0, 8.0), seed=s, noise=NOISE)
+        out.append((noisy, clean))
+    return out
+
+
+def train(data, steps: int, threads: int, seed: int = 0):
+    import torch
+    from monai.networks.nets import UNet
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = UNet(**KWARGS)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    crop = (16, 64, 64)
+    for _ in tqdm(range(steps), desc="training the 3D denoising U-Net", leave=False, file=sys.stderr):
+        xs, ys = [], []
+        for _ in range(4):
+            noisy, clean = data[rng.integers(len(data))]
+            st = [rng.integers(0, s - c + 1) for s, c in zip(noisy.shape, crop, strict=True)]
+            sl = tuple(slice(a, a + c) for a, c in zip(st, crop, strict=True))
+            xs.append(noisy[sl][None])
+            ys.append(clean[sl][None])
+        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds")
+    args = ap.parse_args()
+
+    import torch
+
+    print(f"CPU: {cpu_model()}, {args.threads} threads, torch {torch.__version__}", flush=True)
+    t0 = time.perf_counter()
+    train_data = volumes(3, (48, 160, 160), seed0=0)
+    test_noisy, test_clean = volumes(1, TILE, seed0=100)[0]
+    net = train(train_data, args.train_steps, args.threads)
+    with torch.no_grad():
+        r_trained = metrics.pearson(net(torch.from_numpy(test_noisy[None, None])).numpy()[0, 0], test_clean)
+    print(
+        f"trained {args.train_steps} steps in {time.perf_counter() - t0:.0f} s: test tile r vs truth "
+        f"{r_trained:.4f} (noisy input: {metrics.pearson(test_noisy, test_clean):.4f})",
+        flush=True,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "images").mkdir()
+        for i, (noisy, _) in enumerate(train_data):
+            tifffile.imwrite(tmp / "images" / f"vol{i}.tif", noisy)
+        torch.save(net.state_dict(), tmp / "unet3d.pt")
+        base = {
+            "model": {
+                "kind": "monai",
+                "name": "UNet",
+                "kwargs": KWARGS,
+                "checkpoint": str(tmp / "unet3d.pt"),
+                "axes": "bczyx",
+            },
+            "calibration": {"images": str(tmp / "images" / "*.tif"), "num_tiles": 32, "tile_shape": list(TILE)},
+            "fidelity": {"num_tiles": 8},
+            "engine": {"threads": args.threads, "latency_repeats": 5},
+        }
+        variants = {
+            "OpenVINO fp32": {"quantize": {"precision": "fp32"}},
+            "OpenVINO int8": {"quantize": {"precision": "int8"}},
+            f"prune {args.ratio:.0%} + int8": {
+                "quantize": {"precision": "int8"},
+                "prune": {
+                    "method": "l1",
+                    "ratio": args.ratio,
+                    "finetune": {"steps": args.finetune_steps, "batch_size": 4, "tile_shape": [16, 64, 64]},
+                },
+            },
+        }
+        manifests, engines = {}, {"PyTorch fp32 eager": TorchEngine(net, args.threads)}
+        for name, extra in variants.items():
+            t = time.perf_counter()
+            cfg = validate_config({**base, **extra, "output": str(tmp / name.replace(" ", "_").replace("%", ""))})
+            res = compress(cfg, quiet=True)
+            manifests[name] = res.manifest
+            m = res.manifest
+            ft = next((s for s in m["transformations"] if s["step"] == "fine_tune"), None)
+            print(
+                f"compressed '{name}' in {time.perf_counter() - t:.0f} s"
+                + (
+                    f" (fine-tuning: validation r to the original {ft['validation_pearson_to_original']['before']:.4f}"
+                    f" → {ft['validation_pearson_to_original']['best']:.4f})"
+                    if ft
+                    else ""
+                ),
+                flush=True,
+            )
+            engines[name] = OpenVINOEngine(res.output / "openvino" / "model.xml", m["precision"], args.threads)
+
+        x = test_noisy[None, None].astype(np.float32)
+        outs = {n: e(x)[0, 0] for n, e in engines.items()}
+        lat = interleaved_latency(engines, x, args.repeats)
+        ref = lat["PyTorch fp32 eager"]
+        int8 = lat["OpenVINO int8"]
+        n_params = sum(p.numel() for p in net.parameters())
+        rows = [
+            [
+                "PyTorch fp32 eager",
+                human_count(n_params),
+                human_bytes((tmp / "unet3d.pt").stat().st_size),
+                f"{ref:.1f}",
+                "1.00x",
+                f"{int8 / ref:.2f}x",
+                "1.00000",
+                f"{metrics.pearson(outs['PyTorch fp32 eager'], test_clean):.4f}",
+            ]
+        ]
+        for name, m in manifests.items():
+            rows.append(
+                [
+                    name,
+                    human_count(m["size"]["parameters_compressed"]),
+                    human_bytes(m["size"]["compressed_bytes"]),
+                    f"{lat[name]:.1f}",
+                    f"{ref / lat[name]:.2f}x",
+                    f"{int8 / lat[name]:.2f}x",
+                    f"{m['fidelity']['pearson']:.5f}",
+                    f"{metrics.pearson(outs[name], test_clean):.4f}",
+                ]
+            )
+        print()
+        print(
+            table(
+                ["", "params", "file", "median ms", "vs PyTorch", "vs int8", "r vs original", "r vs truth"],
+                rows,
+                title=f"3D MONAI UNet 16-256 (trained {args.train_steps} steps to denoise): tile "
+                f"{(1, 1, *TILE)}, {args.threads} threads, {args.repeats} interleaved rounds",
+            )
+        )
+        pname = f"prune {args.ratio:.0%} + int8"
+        speed = int8 / lat[pname]
+        drop = 1 - manifests[pname]["fidelity"]["pearson"]
+        print(
+            f"targets: prune + int8 >= {MIN_SPEEDUP_VS_INT8}x faster than int8: "
+            f"{'met' if speed >= MIN_SPEEDUP_VS_INT8 else 'NOT met'} ({speed:.2f}x); Pearson drop <= "
+            f"{MAX_PEARSON_DROP}: {'met' if drop <= MAX_PEARSON_DROP else 'NOT met'} ({drop:.4f})"
+        )
+        print(f"total {time.perf_counter() - t0:.0f} s")
+        for e in engines.values():
+            e.close()
+
+
+if __name__ == "__main__":
+    main()
