@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds")
+    ap.add_argument("--weights", type=Path, help="reuse (or, if absent, save) the trained network here")
     args = ap.parse_args()
 
     import torch
@@ -107,7 +108,16 @@ def main() -> None:
     t0 = time.perf_counter()
     train_data = volumes(3, (48, 160, 160), seed0=0)
     test_noisy, test_clean = volumes(1, TILE, seed0=100)[0]
-    net = train(train_data, args.train_steps, args.threads)
+    if args.weights is not None and args.weights.is_file():
+        from monai.networks.nets import UNet
+
+        net = UNet(**KWARGS)
+        net.load_state_dict(torch.load(args.weights, weights_only=True))
+        net.eval()
+    else:
+        net = train(train_data, args.train_steps, args.threads)
+        if args.weights is not None:
+            torch.save(net.state_dict(), args.weights)
     with torch.no_grad():
         r_trained = metrics.pearson(net(torch.from_numpy(test_noisy[None, None])).numpy()[0, 0], test_clean)
     print(

@@ -517,7 +517,7 @@ def _build(
         name = "original" if ratio is None else f"prune{ratio:g}"
         if ratio is not None:
             _log(f"[3/5] pruning {ratio:.0%} of the channels ({cfg.prune.method}) and fine-tuning", quiet)
-            module, net_steps = _prune_and_finetune(cfg, loaded, data, example, ratio, threads, quiet)
+            module, net_steps = _prune_and_finetune(cfg, parser, loaded, data, example, ratio, threads, quiet)
         _log(f"[3/5] exporting the {'original' if ratio is None else 'pruned'} network to ONNX", quiet)
         onnx_path, export_steps = _export(module, loaded, example, tmp / "candidates" / name, cfg, threads)
         networks[ratio] = (module, onnx_path, net_steps + export_steps)
@@ -655,7 +655,7 @@ def _build(
 
 
 def _prune_and_finetune(
-    cfg, loaded: LoadedModel, data: _Data, example, ratio: float, threads: int, quiet: bool
+    cfg, parser, loaded: LoadedModel, data: _Data, example, ratio: float, threads: int, quiet: bool
 ):
     pc = cfg.prune
     module, prep = prune(loaded.module, example, pc, ratio)
@@ -695,6 +695,8 @@ def _prune_and_finetune(
             f"{ft.val_pearson_before:.4f} → {ft.val_pearson_best:.4f} (best at step {ft.best_step})",
             quiet,
         )
+    # a user's parser may adapt the pruned network too (BaseParser.fine_tune)
+    module = parser.fine_tune(module, data.calib.inputs)
     return module, [prep.as_dict(), ft.as_dict()]
 
 

@@ -15,8 +15,8 @@
         def calibration_tiles(self, tiles):
             return [t for t in tiles if t.std() > 0.1]
 
-        # optional: adapt the network before export (called on every run; pruning will call it
-        # after removing channels so that the network can recover)
+        # optional: adapt the network before export (called on every run, and again on a pruned
+        # network after efficientbioai's own fine-tuning, see the `prune:` config)
         def fine_tune(self, module, tiles):
             return module
 """
@@ -93,7 +93,11 @@ class BaseParser:
         return tiles
 
     def fine_tune(self, module: torch.nn.Module, tiles: list[np.ndarray]) -> torch.nn.Module:
-        """Adapt the network before export; the default returns it unchanged."""
+        """Adapt the network before export; the default returns it unchanged.
+
+        Called on the loaded network, and on each pruned network after the built-in fine-tuning
+        (``prune.finetune``), with the preprocessed calibration tiles.
+        """
         return module
 
 
