@@ -74,6 +74,39 @@ def _cmd_infer(args) -> int:
     return 0
 
 
+BENCHMARK_HELP = """\
+Measure the original model against compressed variants on whole images: latency, throughput, peak
+memory, energy, model size and the task metric, with ratios; writes report.json, report.md and a
+self-contained report.html (plots and image panels) into the output folder.
+
+The config is YAML (relative paths are read from the current directory):
+
+  model: {kind: bioimageio, path: ../shared/models/unet2d_nuclei_broad}   # as in `compress`
+  images: "data/images/*.tif"       # or {path: ..., axes: ..., targets: ...}, or
+                                    # {generate: nuclei, shape: [512, 512]}, or a list of those
+  # targets: "data/masks/*.tif"     # ground truth, with task: restoration | semantic | instance
+  compress: {calibration: {num_tiles: 32}}   # compress keys shared by every variant
+  variants:                         # each: a name + compress keys merged into the shared ones
+    - {name: bf16, quantize: {precision: bf16}}
+    - {name: int8, quantize: {precision: int8}}
+  runs: {warmup: 1, repeats: 5}
+  output: runs/benchmark
+
+Ready configs: configs/benchmark_*.yaml. Every key: `efficientbioai schema benchmark`.
+"""
+
+
+def _cmd_benchmark(args) -> int:
+    from efficientbioai.benchmark import benchmark, load_benchmark_config
+
+    overrides = {"output": args.output, "overwrite": True if args.overwrite else None}
+    cfg = load_benchmark_config(args.config, overrides)
+    result = benchmark(cfg, quiet=args.quiet, source=str(args.config))
+    print(result.markdown)
+    print(f"reports: {result.files['markdown']}, {result.files['html']}, {result.files['json']}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from efficientbioai.demo import run_demo
 
@@ -82,9 +115,10 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_schema(args) -> int:
+    from efficientbioai.benchmark import BenchmarkConfig
     from efficientbioai.config import CompressConfig, InferConfig
 
-    schemas = {"compress": CompressConfig, "infer": InferConfig}
+    schemas = {"compress": CompressConfig, "infer": InferConfig, "benchmark": BenchmarkConfig}
     print(json.dumps(schemas[args.which].model_json_schema(), indent=2))
     return 0
 
@@ -122,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser(
+        "benchmark",
+        help="original vs compressed variants on whole images: latency, memory, energy, size, accuracy; "
+        "JSON / Markdown / HTML report",
+        description=BENCHMARK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
+    p.add_argument("--output", "-o", help="report folder (overrides the config's output)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous benchmark in the folder")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the final report")
+    p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser(
         "demo",
         help="no files needed: train a small nuclei U-Net, compress it to int8, compare it with the original",
         description="Builds everything it needs (a small U-Net trained for a few seconds on generated "
@@ -135,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("schema", help="print the JSON schema of a config (for editors and docs)")
-    p.add_argument("which", choices=["compress", "infer"], nargs="?", default="compress")
+    p.add_argument("which", choices=["compress", "infer", "benchmark"], nargs="?", default="compress")
     p.set_defaults(func=_cmd_schema)
     return parser
 
