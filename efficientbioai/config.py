@@ -401,6 +401,35 @@ class InstanceConfig(_Strict):
     min_size: int = Field(0, ge=0, description="objects smaller than this many pixels are removed")
 
 
+class CellposeInferConfig(_Strict):
+    """Cellpose artifacts (model.kind cellpose): cellpose's own eval settings, as cellpose users set them.
+
+    Cellpose tiles, rescales and reconstructs the masks itself; the `tiling`, `task`, `threshold` and
+    `instance` keys do not apply to these artifacts.
+    """
+
+    channels: list[int] = Field(
+        default_factory=lambda: [0, 0],
+        description="[channel to segment, nucleus channel]: 0 = grayscale / none, 1 = red, 2 = green, 3 = blue",
+    )
+    diameter: float | None = Field(
+        None,
+        gt=0,
+        description="objects' diameter in pixels; images are resized by diam_mean / diameter for the network "
+        "(default: the model's training diameter, as CellposeModel)",
+    )
+    flow_threshold: float = Field(0.4, ge=0, description="maximum flow error of a kept mask")
+    cellprob_threshold: float = Field(0.0, description="cell probability (logit) above which pixels count")
+    min_size: int = Field(15, description="masks smaller than this many pixels are removed (-1: keep all)")
+    niter: int | None = Field(None, ge=1, description="flow-dynamics iterations (default: 200 / rescale)")
+    bsize: int = Field(224, ge=16, multiple_of=8, description="tile size in pixels (cellpose's default 224)")
+    tile_overlap: float = Field(0.1, ge=0, lt=0.5, description="fraction of overlap between tiles")
+    batch_size: int = Field(8, ge=1, description="tiles per network call")
+    augment: bool = Field(False, description="cellpose's flipped-tile augmentation (4x the network work)")
+    normalize: bool = Field(True, description="percentile-normalise each channel (1st → 0, 99th → 1)")
+    invert: bool = Field(False, description="invert intensities (dark objects on a bright background)")
+
+
 class InferConfig(_Strict):
     """`efficientbioai infer`: run a compressed engine over whole images."""
 
@@ -429,6 +458,7 @@ class InferConfig(_Strict):
     )
     threshold: float = Field(0.5, description="semantic / instance: outputs above this are foreground")
     instance: InstanceConfig = Field(default_factory=InstanceConfig)
+    cellpose: CellposeInferConfig = Field(default_factory=CellposeInferConfig)
     compare_with_original: bool = Field(
         False, description="also run the original PyTorch (or ONNX) model and report both side by side"
     )

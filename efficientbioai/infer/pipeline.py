@@ -354,6 +354,10 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
 
     directory = cfg.model.expanduser().resolve()
     manifest = read_manifest(directory)
+    if manifest["model"].get("kind") == "cellpose":  # cellpose tiles and makes the masks itself
+        from efficientbioai.cellpose.infer import infer_cellpose
+
+        return infer_cellpose(cfg, directory, manifest, quiet=quiet)
     model_axes = manifest["input"]["axes"]
     files = expand_paths(cfg.input, "input")
     targets = _targets(cfg, len(files))
