@@ -11,12 +11,9 @@ import yaml
 from efficientbioai.benchmark.config import check_benchmark_config, deep_merge, variant_configs
 from efficientbioai.benchmark.runner import MARKER, _prepare_output, resolve_devices
 from efficientbioai.cli import main
-from efficientbioai.config import CompressConfig
 from efficientbioai.errors import ConfigError
 
 from .conftest import REPO, SHARED_MODEL
-
-PRUNE = "prune" in CompressConfig.model_fields
 
 BASE = {
     "model": {
@@ -130,14 +127,6 @@ def test_image_sources_take_several_forms():
     assert single.source_paths()[0].axes == "zyx" and single.source_paths()[0].targets == "y/*.tif"
 
 
-@pytest.mark.skipif(PRUNE, reason="pruning is available: the prune variant is a valid compress config")
-def test_a_prune_variant_says_pruning_is_not_available():
-    with pytest.raises(ConfigError) as e:
-        check_benchmark_config(_cfg(variants=[{"name": "p", "prune": {"ratio": 0.5}}]))
-    assert "pruning" in e.value.problem and "not available" in e.value.problem
-
-
-@pytest.mark.skipif(not PRUNE, reason="pruning is not in CompressConfig yet")
 def test_a_prune_variant_is_a_compress_config(tmp_path):
     cfg = check_benchmark_config(_cfg(variants=[{"name": "p", "prune": {"ratio": 0.5}, "quantize": {}}]))
     ((_, c),) = variant_configs(cfg, tmp_path)
@@ -212,8 +201,6 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys, monkeyp
 
 def _shipped(name: str) -> dict:
     data = yaml.safe_load((REPO / "configs" / name).read_text())
-    if not PRUNE:  # pruning lands in compress separately; until then its variants are left out
-        data["variants"] = [v for v in data["variants"] if "prune" not in v]
     return data
 
 

@@ -295,13 +295,6 @@ def variant_configs(
     for i, var in enumerate(cfg.variants):
         name = var["name"]
         overrides = {k: v for k, v in var.items() if k != "name"}
-        unknown = [k for k in overrides if k not in CompressConfig.model_fields]
-        if "prune" in unknown:
-            raise ConfigError(
-                f"{source}: variants[{i}] '{name}': pruning (`prune:`) is not available in this version of "
-                "efficientbioai",
-                "remove this variant (or update efficientbioai)",
-            )
         data = deep_merge(base, overrides)
         data["output"] = str(artifacts / name)
         data["overwrite"] = True
