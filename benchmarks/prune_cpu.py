@@ -165,8 +165,8 @@ def main() -> None:
                     "finetune": {
                         "steps": args.finetune_steps,
                         "lr": args.lr,
-                        "batch_size": 4,
-                        "tile_shape": [16, 64, 64],
+                        "batch_size": 1,
+                        "tile_shape": list(TILE),  # InstanceNorm: train on the inference tile size
                     },
                 },
             },
