@@ -36,6 +36,7 @@ import tifffile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compress_cpu import cpu_model, interleaved_latency  # noqa: E402
+from infer_cpu import KWARGS  # noqa: E402  (the 3D benchmark U-Net)
 
 from efficientbioai import metrics  # noqa: E402
 from efficientbioai.compress import compress  # noqa: E402
@@ -45,14 +46,6 @@ from efficientbioai.errors import FidelityError  # noqa: E402
 from efficientbioai.report import human_bytes, human_count, table  # noqa: E402
 from efficientbioai.synthetic import nuclei  # noqa: E402
 
-KWARGS = {
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 1,
-    "channels": [16, 32, 64, 128, 256],
-    "strides": [2, 2, 2, 2],
-    "num_res_units": 2,
-}
 TILE = (32, 128, 128)
 NOISE = 0.25
 MIN_SPEEDUP_VS_INT8, MAX_PEARSON_DROP = 1.3, 0.01

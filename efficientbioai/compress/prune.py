@@ -305,13 +305,10 @@ def _random_crops(rng, images, targets, tile, n):
 
 
 def _crop_halo_t(x, halo):
-    if not halo or not any(halo):
-        return x
-    sl = tuple(
-        slice(h, -h if h else None) if 2 * h < n else slice(None)
-        for h, n in zip(halo, x.shape[2:], strict=True)
-    )
-    return x[(slice(None), slice(None)) + sl]
+    """The halo-cropped centre of a (B, C, *spatial) tensor, as the fidelity check crops outputs."""
+    from efficientbioai.compress.pipeline import _crop_halo  # pipeline imports this module
+
+    return _crop_halo(x, halo) if halo and any(halo) else x
 
 
 def _supervised_loss(postprocessing: list[dict[str, Any]], task: str):
