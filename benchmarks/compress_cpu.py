@@ -12,7 +12,9 @@ For every engine: median latency of one tile (after warm-up; the engines are tim
 in rotating order, so that machine drift favours none), speed-up vs PyTorch fp32 eager and vs OpenVINO
 fp32, Pearson r of the output vs the PyTorch output on the same tile (after the package's sigmoid for the
 bioimage.io model), and the precision OpenVINO reports for the float parts (for int8 engines also the
-number of convolutions that run in int8). All engines use the same number of threads.
+number of convolutions that run in int8). All engines use the same number of threads. The ONNX graph
+gets the same exact rewrites as in `efficientbioai compress` (a 1×1 convolution after an upsampling runs
+before it); when they change the graph, "OpenVINO int8, not rewritten" shows int8 without them.
 
 Run:  python benchmarks/compress_cpu.py [--threads N] [--repeats 20] [--calib-tiles 32] [--quick]
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from efficientbioai import metrics
-from efficientbioai.compress.export import export_onnx, slim_onnx, to_openvino
+from efficientbioai.compress.export import export_onnx, rewrite_onnx, slim_onnx, to_openvino
 from efficientbioai.compress.pipeline import postprocess, preprocess
 from efficientbioai.compress.quantize import quantize_int8
 from efficientbioai.config import ModelConfig, QuantizeConfig
@@ -40,6 +42,7 @@ from efficientbioai.report import table
 
 BIOIMAGEIO = Path(__file__).resolve().parents[2] / "shared" / "models" / "unet2d_nuclei_broad"
 ROWS = ("PyTorch fp32 eager", "OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8")
+NOT_REWRITTEN = "OpenVINO int8, not rewritten"
 MIN_PEARSON = 0.99
 
 
@@ -79,15 +82,24 @@ def int8_convolutions(engine: OpenVINOEngine) -> str:
 
 
 def build_engines(module, x: np.ndarray, axes: str, calib: list[np.ndarray], threads: int) -> dict:
-    """PyTorch eager plus OpenVINO fp32 / bf16 / int8 engines from one ONNX export of ``module``."""
+    """PyTorch eager plus OpenVINO fp32 / bf16 / int8 engines from one ONNX export of ``module``.
+
+    The ONNX graph goes through the same slimming and exact rewrites as in ``efficientbioai compress``.
+    When a rewrite changed the graph, an int8 engine built without it is added for comparison.
+    """
     engines = {ROWS[0]: TorchEngine(module, threads)}
+    cfg = QuantizeConfig(precision="int8", preset="performance", per_channel=True)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(module, x, Path(tmp) / "model.onnx", axes)
         slim_onnx(onnx_path)
+        plain = to_openvino(onnx_path)
+        moved = rewrite_onnx(onnx_path)
         engines[ROWS[1]] = OpenVINOEngine(to_openvino(onnx_path), "fp32", threads)
         engines[ROWS[2]] = OpenVINOEngine(to_openvino(onnx_path), "bf16", threads)
-        cfg = QuantizeConfig(precision="int8", preset="performance", per_channel=True)
         engines[ROWS[3]] = OpenVINOEngine(quantize_int8(to_openvino(onnx_path), calib, cfg), "int8", threads)
+        if moved:
+            print(f"  exact rewrite: {len(moved)} 1×1 convolution(s) moved before upsampling", flush=True)
+            engines[NOT_REWRITTEN] = OpenVINOEngine(quantize_int8(plain, calib, cfg), "int8", threads)
     return engines
 
 
@@ -118,7 +130,7 @@ def benchmark(
     rows = []
     for name, eng in engines.items():
         precision = eng.precision if isinstance(eng, OpenVINOEngine) else "(torch fp32)"
-        if name == ROWS[3]:
+        if name in (ROWS[3], NOT_REWRITTEN):
             precision += f" + {int8_convolutions(eng)}"
         rows.append(
             [

@@ -260,6 +260,11 @@ class ExportConfig(_Strict):
     )
     opset: int = Field(17, ge=13, description="ONNX opset")
     slim: bool = Field(True, description="simplify the ONNX graph with onnxslim")
+    rewrite: bool = Field(
+        True,
+        description="exact graph rewrites that make every engine faster: a 1×1 convolution after a "
+        "bilinear/nearest upsampling runs before it, at the low resolution (same result up to rounding)",
+    )
 
     @field_validator("targets")
     @classmethod

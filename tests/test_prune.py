@@ -63,7 +63,10 @@ def test_upstream_torch_pruning_breaks_on_shared_slope_prelu():
     net = monai_net("UNet", 2)
     with pytest.raises(TypeError, match="NoneType"):
         tp.pruner.MetaPruner(
-            net, torch.from_numpy(example(2)), importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5
+            net,
+            torch.from_numpy(example(2)),
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=0.5,
         )
 
 
@@ -181,12 +184,17 @@ def test_supervised_fine_tuning_needs_a_differentiable_postprocessing():
 
 def test_config_rules_for_pruning_and_budgets():
     base = {"model": {"kind": "monai", "name": "UNet", "axes": "bcyx"}, "output": "x"}
-    c = validate_config({**base, "quantize": {"strategy": "auto", "max_drop": 0.01}, "prune": {"ratio": [0.3, 0.5]}})
+    c = validate_config(
+        {**base, "quantize": {"strategy": "auto", "max_drop": 0.01}, "prune": {"ratio": [0.3, 0.5]}}
+    )
     assert c.quantize.max_drop.metric == "pearson" and c.quantize.max_drop.value == 0.01
     assert c.prune.ratios == [0.3, 0.5]
     bad = [
         ({"quantize": {"strategy": "auto"}}, "needs an accuracy budget"),
-        ({"quantize": {"strategy": "auto", "max_drop": 0.01, "precision": "int8"}}, "remove quantize.precision"),
+        (
+            {"quantize": {"strategy": "auto", "max_drop": 0.01, "precision": "int8"}},
+            "remove quantize.precision",
+        ),
         ({"prune": {"ratio": [0.3, 0.5]}}, "only tried by quantize.strategy auto"),
         ({"prune": {"ratio": 1.0}}, "strictly between 0 and 1"),
         ({"prune": {"ratoi": 0.5}}, "did you mean 'ratio'"),
@@ -216,7 +224,13 @@ def unet3d(tmp_path, images3d) -> dict:
 
     torch.save(UNet(**kwargs).state_dict(), ckpt)
     return {
-        "model": {"kind": "monai", "name": "UNet", "kwargs": kwargs, "checkpoint": str(ckpt), "axes": "bczyx"},
+        "model": {
+            "kind": "monai",
+            "name": "UNet",
+            "kwargs": kwargs,
+            "checkpoint": str(ckpt),
+            "axes": "bczyx",
+        },
         "calibration": {"images": str(images3d / "*.tif"), "num_tiles": 8, "tile_shape": [16, 32, 32]},
         "fidelity": {"num_tiles": 4},
         "engine": {"latency_repeats": 3},
@@ -231,7 +245,9 @@ def test_cli_auto_strategy_with_pruning_keeps_the_fastest_candidate_within_budge
         "quantize": {"strategy": "auto", "max_drop": 0.5},
         "prune": {"ratio": [0.5], "finetune": {"steps": 6, "batch_size": 1, "val_tiles": 2}},
     }
-    proc = run_cli("compress", "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--quiet", cwd=tmp_path)
+    proc = run_cli(
+        "compress", "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--quiet", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "strategy auto" in proc.stdout and "prune 0.5 + int8" in proc.stdout
     m = read_manifest(Path(unet3d["output"]))
@@ -240,7 +256,11 @@ def test_cli_auto_strategy_with_pruning_keeps_the_fastest_candidate_within_budge
         "int8", "int8 + float fallback", "bf16", "fp32",
         "prune 0.5 + int8", "prune 0.5 + int8 + float fallback", "prune 0.5 + bf16", "prune 0.5 + fp32",
     }  # fmt: skip
-    timed = [c for c in cands.values() if c["latency_ms"] is not None and c["status"] in ("within budget", "chosen")]
+    timed = [
+        c
+        for c in cands.values()
+        if c["latency_ms"] is not None and c["status"] in ("within budget", "chosen")
+    ]
     chosen = cands[m["strategy"]["chosen"]]
     assert chosen["status"] == "chosen" and chosen["latency_ms"] == min(c["latency_ms"] for c in timed)
     assert cands["int8 + float fallback"]["status"].startswith("skipped")  # int8 already held the budget
@@ -255,7 +275,9 @@ def test_cli_auto_strategy_with_pruning_keeps_the_fastest_candidate_within_budge
 @pytest.mark.slow
 def test_tight_budget_selects_a_higher_precision_and_holds(tmp_path, unet3d):
     cfg = {**unet3d, "quantize": {"strategy": "auto", "max_drop": {"metric": "pearson", "value": 2e-4}}}
-    proc = run_cli("compress", "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--quiet", cwd=tmp_path)
+    proc = run_cli(
+        "compress", "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--quiet", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     m = read_manifest(Path(unet3d["output"]))
     cands = {c["name"]: c for c in m["strategy"]["candidates"]}
@@ -264,8 +286,10 @@ def test_tight_budget_selects_a_higher_precision_and_holds(tmp_path, unet3d):
     assert m["fidelity"]["pearson"] >= 1 - 2e-4
     fb = cands["int8 + float fallback"]
     # accuracy-controlled int8 either held the budget with some layers back in float, or said why not
-    assert fb["status"] in ("within budget", "chosen") and fb["float_layers"] or fb["status"].startswith(
-        ("over budget", "failed")
+    assert (
+        fb["status"] in ("within budget", "chosen")
+        and fb["float_layers"]
+        or fb["status"].startswith(("over budget", "failed"))
     )
 
 
@@ -321,9 +345,18 @@ def test_pruned_int8_artifact_runs_in_infer_without_the_original_class(tmp_path,
         sys.path.remove(str(code))
         sys.modules.pop("segnets", None)
     cfg = {
-        "model": {"kind": "torch", "factory": "segnets:make", "checkpoint": str(tmp_path / "seg.pt"), "axes": "bcyx"},
-        "calibration": {"images": str(imgs / "*.tif"), "targets": str(masks / "*.tif"), "num_tiles": 8,
-                        "tile_shape": [48, 48]},  # fmt: skip
+        "model": {
+            "kind": "torch",
+            "factory": "segnets:make",
+            "checkpoint": str(tmp_path / "seg.pt"),
+            "axes": "bcyx",
+        },
+        "calibration": {
+            "images": str(imgs / "*.tif"),
+            "targets": str(masks / "*.tif"),
+            "num_tiles": 8,
+            "tile_shape": [48, 48],
+        },  # fmt: skip
         "quantize": {"precision": "int8"},
         "prune": {"ratio": 0.5, "finetune": {"steps": 10, "val_tiles": 2}},
         "fidelity": {"num_tiles": 4, "task": "semantic"},

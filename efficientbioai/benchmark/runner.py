@@ -630,6 +630,9 @@ def _transformations(manifest: dict[str, Any] | None) -> list[str]:
             continue
         if step == "quantize_int8":
             out.append(f"int8 ({t.get('tool', 'nncf')}, {t.get('preset')} preset)")
+        elif step == "rewrite":
+            moved = t.get("pointwise_before_upsample") or []
+            out.append(f"exact rewrite: {len(moved)} 1×1 convolution(s) moved before upsampling")
         elif step == "engine_precision":
             out.append(f"engine precision {t.get('requested')} → runs {t.get('runs')}")
         else:

@@ -57,6 +57,19 @@ def slim_onnx(path: Path) -> None:
     onnx.save(slim, str(path))
 
 
+def rewrite_onnx(path: Path) -> list[str]:
+    """Apply the exact rewrites of :mod:`efficientbioai.compress.rewrite` in place; returns what moved."""
+    import onnx
+
+    from efficientbioai.compress.rewrite import pointwise_before_upsample
+
+    model = onnx.load(str(path))
+    moved = pointwise_before_upsample(model)
+    if moved:
+        onnx.save(model, str(path))
+    return moved
+
+
 def copy_onnx(src: Path, dst: Path) -> Path:
     shutil.copyfile(src, dst)
     return dst

@@ -15,7 +15,14 @@ import numpy as np
 
 import efficientbioai
 from efficientbioai import metrics
-from efficientbioai.compress.export import copy_onnx, export_onnx, save_openvino, slim_onnx, to_openvino
+from efficientbioai.compress.export import (
+    copy_onnx,
+    export_onnx,
+    rewrite_onnx,
+    save_openvino,
+    slim_onnx,
+    to_openvino,
+)
 from efficientbioai.compress.prune import check_prunable, count_parameters, fine_tune, prune
 from efficientbioai.compress.quantize import quantize_int8, quantize_int8_accuracy_control
 from efficientbioai.config import CompressConfig
@@ -378,7 +385,10 @@ class _Data:
 
 
 def _export(module, loaded: LoadedModel, example: np.ndarray, directory: Path, cfg, threads: int):
-    """ONNX export (or copy) + slimming + a parity check against ``module``; returns (path, transformations)."""
+    """ONNX export (or copy), slimming, exact rewrites and a parity check against ``module``.
+
+    Returns the ONNX path and the transformations applied.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     onnx_path = directory / "model.onnx"
     steps: list[dict[str, Any]] = []
@@ -391,6 +401,10 @@ def _export(module, loaded: LoadedModel, example: np.ndarray, directory: Path, c
     if cfg.export.slim:
         slim_onnx(onnx_path)
         steps.append({"step": "onnxslim"})
+    if cfg.export.rewrite:
+        moved = rewrite_onnx(onnx_path)
+        if moved:
+            steps.append({"step": "rewrite", "pointwise_before_upsample": moved})
     ref = TorchEngine(module, threads) if module is not None else reference_engine(loaded, threads)
     # The exported graph must compute what the network computes before anything else is built on it.
     with OnnxRuntimeEngine(onnx_path, threads) as ort_engine:
@@ -897,5 +911,7 @@ def candidates_table(m: dict[str, Any]) -> str:
         f"PyTorch fp32 eager {ref:.1f} ms/tile; chosen: {strat['chosen']}"
     )
     return table(
-        ["candidate", "latency/tile", "speed-up", "params", "size", "Pearson r", "drop", "status"], rows, title=title
+        ["candidate", "latency/tile", "speed-up", "params", "size", "Pearson r", "drop", "status"],
+        rows,
+        title=title,
     )
