@@ -182,3 +182,21 @@ def test_compress_records_the_rewrite_and_the_engine_still_matches(tmp_path, ima
         assert "rewrite" not in steps
         assert _resize_inputs(onnx.load(str(tmp_path / "out" / "model.onnx"))) == ["Relu"]
     assert manifest["fidelity"]["relative_l2"] < 1e-4
+
+
+def test_graphs_with_control_flow_are_left_alone():
+    """If / Loop bodies may read outer tensors without naming them as inputs: node order must stay."""
+    model = _resize_graph(np.array([1, 6, 9, 11], np.int64), None)
+    branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(1, np.float32)))],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])],
+    )
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    model.graph.initializer.append(cond)
+    model.graph.node.append(
+        helper.make_node("If", ["cond"], ["flag"], then_branch=branch, else_branch=branch, name="if")
+    )
+    assert pointwise_before_upsample(model) == []
+    assert [n.op_type for n in model.graph.node] == ["Resize", "Conv", "If"]

@@ -117,9 +117,16 @@ def pointwise_before_upsample(model) -> list[str]:
     Only a ``Resize`` whose single consumer is the convolution is rewritten (otherwise the upsampled
     tensor is needed anyway). Edits ``model`` in place; returns the names of the moved convolutions.
     """
+    import onnx
     from onnx import numpy_helper
 
     graph = model.graph
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
+        return []  # control flow (If / Loop) may read tensors implicitly: node order is not ours to change
     consumers = defaultdict(list)
     for node in graph.node:
         for name in node.input:
