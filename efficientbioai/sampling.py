@@ -14,7 +14,8 @@ class Tiles:
     inputs: list[np.ndarray] = field(default_factory=list)
     targets: list[np.ndarray] | None = None
     positions: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
-    background: int = 0
+    background: int = 0  # how many of the tiles are flat background
+    is_background: list[bool] = field(default_factory=list)
 
 
 def pad_to(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -103,6 +104,7 @@ def sample_tiles(
                 out.targets.append(_crop(targets[i], start, tile_shape))
             out.positions.append((i, start))
             out.background += bg
+            out.is_background.append(bool(bg))
         return out
 
     holdout_n = min(n_holdout, max(1, len(chosen) // 5)) if len(chosen) < total else n_holdout

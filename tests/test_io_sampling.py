@@ -75,6 +75,11 @@ def test_sampling_limits_background_and_separates_holdout():
     content = sum(float(t.max()) > 1 for t in calib.inputs + hold.inputs)
     assert content >= 15  # uniform sampling would give ~1/16 × 20 ≈ 2 content tiles
     assert not set(calib.positions) & set(hold.positions)
+    # per-tile flags, so that a split of the tiles (calibration / validation) counts its own background
+    for tiles in (calib, hold):
+        assert len(tiles.is_background) == len(tiles.inputs) and sum(tiles.is_background) == tiles.background
+        flagged = [float(t.max()) for t, bg in zip(tiles.inputs, tiles.is_background, strict=True) if bg]
+        assert all(m < 1 for m in flagged)  # background tiles are the empty ones
 
 
 def test_sampling_pads_small_images():

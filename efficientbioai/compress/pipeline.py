@@ -352,12 +352,16 @@ def compress(cfg: CompressConfig, *, quiet: bool = False) -> CompressResult:
     val = Tiles(
         inputs=calib.inputs[n_cal:],
         targets=calib.targets[n_cal:] if calib.targets is not None else None,
+        positions=calib.positions[n_cal:],
+        background=sum(calib.is_background[n_cal:]),
+        is_background=calib.is_background[n_cal:],
     )
     calib = Tiles(
         inputs=calib.inputs[:n_cal],
         targets=calib.targets[:n_cal] if calib.targets is not None else None,
         positions=calib.positions[:n_cal],
-        background=calib.background,
+        background=sum(calib.is_background[:n_cal]),
+        is_background=calib.is_background[:n_cal],
     )
     if loaded.module is not None:
         loaded.module = parser.fine_tune(loaded.module, calib.inputs)
