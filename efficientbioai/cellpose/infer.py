@@ -22,7 +22,8 @@ from efficientbioai.config import InferConfig
 from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
 from efficientbioai.engines import default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
-from efficientbioai.io import expand_paths, output_path, read_axes, read_image, write_image
+from efficientbioai.infer.pipeline import energy_note, output_paths, target_files
+from efficientbioai.io import expand_paths, read_axes, read_image, write_image
 from efficientbioai.models.cellpose import cellpose_spec, parse_channels
 from efficientbioai.report import table
 
@@ -106,10 +107,9 @@ class CellposeInferResult:
             f"bsize {s['bsize']}; network = cellpose's tiling + network, masks = flow dynamics; whole image)"
         )
         out = [table(header, rows, title=title)]
-        methods = {r.energy.method for im in self.images for r in im.runs if r.energy and r.energy.joules}
-        if methods:
-            sources = {r.energy.source for im in self.images for r in im.runs if r.energy and r.energy.source}
-            out.append(f"energy: {', '.join(sorted(methods))} — {'; '.join(sorted(sources))}")
+        note = energy_note([r.energy for im in self.images for r in im.runs])
+        if note:
+            out.append(note)
         speed = self.speedup()
         if speed:
             out.append(speed)
@@ -207,18 +207,6 @@ def _settings(cfg: InferConfig) -> dict[str, Any]:
     }
 
 
-def _targets(cfg: InferConfig, n: int) -> list[Path | None]:
-    if cfg.targets is None:
-        return [None] * n
-    files = expand_paths(cfg.targets, "targets")
-    if len(files) != n:
-        raise ConfigError(
-            f"targets: {len(files)} target file(s) for {n} input image(s)",
-            "give one label image per input image, in the same (sorted) order",
-        )
-    return files
-
-
 def _read_labels(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     labels = np.asarray(read_image(path))
     if labels.shape != shape:
@@ -270,19 +258,9 @@ def infer_cellpose(
             "set cellpose.channels to [c, 0], or compress again with model.options.channels [c, n]",
         )
     files = expand_paths(cfg.input, "input")
-    targets = _targets(cfg, len(files))
+    targets = target_files(cfg, len(files), "label image")
     threads = cfg.threads or default_threads()
-    fmt = cfg.output_format
-    out_dir = cfg.output.expanduser()
-    out_paths = [
-        output_path(f, out_dir, fmt or ("zarr" if f.suffix.lower() == ".zarr" else "tiff")) for f in files
-    ]
-    dupes = {p for p in out_paths if out_paths.count(p) > 1}
-    if dupes:
-        raise ConfigError(
-            f"input: several inputs would be written to the same output ({', '.join(sorted(map(str, dupes)))})",
-            "give inputs with distinct names (e.g. not a.tif and a.npy side by side)",
-        )
+    out_paths = output_paths(cfg, files)
     kwargs = dict(settings)
 
     _log(f"loading engine from {directory}", quiet)

@@ -235,12 +235,9 @@ class InferResult:
                 )
         threads = f"{self.threads} thread{'s' if self.threads > 1 else ''}"
         out = [table(header, rows, title=f"inference ({threads}; latency = whole image, tiles to stitched)")]
-        methods = {
-            r.energy.method for im in self.images for r in im.runs if r.energy and r.energy.joules is not None
-        }
-        if methods:
-            sources = {r.energy.source for im in self.images for r in im.runs if r.energy and r.energy.source}
-            out.append(f"energy: {', '.join(sorted(methods))} — {'; '.join(sorted(sources))}")
+        note = energy_note([r.energy for im in self.images for r in im.runs])
+        if note:
+            out.append(note)
         speed = self.speedup()
         if speed:
             out.append(speed)
@@ -287,16 +284,43 @@ class InferResult:
 # ----------------------------------------------------------------------------------------- pipeline
 
 
-def _targets(cfg: InferConfig, n: int) -> list[Path | None]:
+def target_files(cfg: InferConfig, n: int, what: str = "target") -> list[Path | None]:
+    """One target file per input (sorted order), or ``None`` each when no targets are configured."""
     if cfg.targets is None:
         return [None] * n
     files = expand_paths(cfg.targets, "targets")
     if len(files) != n:
         raise ConfigError(
             f"targets: {len(files)} target file(s) for {n} input image(s)",
-            "give one target per input image, in the same (sorted) order",
+            f"give one {what} per input image, in the same (sorted) order",
         )
     return files
+
+
+def output_paths(cfg: InferConfig, files: list[Path]) -> list[Path]:
+    """Where each input's result goes; inputs that would overwrite each other's output are an error."""
+    fmt = cfg.output_format
+    out_dir = cfg.output.expanduser()
+    paths = [
+        output_path(f, out_dir, fmt or ("zarr" if f.suffix.lower() == ".zarr" else "tiff")) for f in files
+    ]
+    dupes = {p for p in paths if paths.count(p) > 1}
+    if dupes:
+        raise ConfigError(
+            f"input: several inputs would be written to the same output ({', '.join(sorted(map(str, dupes)))})",
+            "give inputs with distinct names (e.g. not a.tif and a.npy side by side)",
+        )
+    return paths
+
+
+def energy_note(readings: list[EnergyReading | None]) -> str | None:
+    """'energy: <methods> — <sources>' for the readings that measured something."""
+    measured = [e for e in readings if e is not None and e.joules is not None]
+    if not measured:
+        return None
+    methods = sorted({e.method for e in measured})
+    sources = sorted({e.source for e in measured if e.source})
+    return f"energy: {', '.join(methods)} — {'; '.join(sources)}"
 
 
 def _predictor(cfg: InferConfig, manifest: dict[str, Any], engine: Engine) -> Predictor:
@@ -360,24 +384,14 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         return infer_cellpose(cfg, directory, manifest, quiet=quiet)
     model_axes = manifest["input"]["axes"]
     files = expand_paths(cfg.input, "input")
-    targets = _targets(cfg, len(files))
+    targets = target_files(cfg, len(files))
     threads = cfg.threads or default_threads()
     task = (
         cfg.task or (manifest.get("fidelity") or {}).get("task") or ("restoration" if cfg.targets else None)
     )
     if cfg.targets is not None and task is None:
         task = "restoration"
-    fmt = cfg.output_format
-    out_dir = cfg.output.expanduser()
-    out_paths = [
-        output_path(f, out_dir, fmt or ("zarr" if f.suffix.lower() == ".zarr" else "tiff")) for f in files
-    ]
-    dupes = {p for p in out_paths if out_paths.count(p) > 1}
-    if dupes:
-        raise ConfigError(
-            f"input: several inputs would be written to the same output ({', '.join(sorted(map(str, dupes)))})",
-            "give inputs with distinct names (e.g. not a.tif and a.npy side by side)",
-        )
+    out_paths = output_paths(cfg, files)
 
     _log(f"loading engine from {directory}", quiet)
     engines: list[Engine] = [open_engine(directory, manifest, cfg.backend, threads)]
