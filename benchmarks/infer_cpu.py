@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import resource
 import shutil
@@ -54,6 +53,7 @@ from pathlib import Path
 import numpy as np
 from compress_cpu import cpu_model  # the sibling benchmark script (its folder is on sys.path)
 
+from efficientbioai.benchmark.environment import machine_busy_seconds
 from efficientbioai.engines import default_threads
 from efficientbioai.report import table
 
@@ -130,16 +130,6 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self._sample()
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the whole machine has been busy since boot (user, nice, system, irq, softirq, steal)."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:
