@@ -14,9 +14,14 @@ fp32, Pearson r of the output vs the PyTorch output on the same tile (after the 
 bioimage.io model), and the precision OpenVINO reports for the float parts (for int8 engines also the
 number of convolutions that run in int8). All engines use the same number of threads. The ONNX graph
 gets the same exact rewrites as in `efficientbioai compress` (a 1×1 convolution after an upsampling runs
-before it); when they change the graph, "OpenVINO int8, not rewritten" shows int8 without them.
+before it; a narrow transposed convolution becomes a convolution + pixel shuffle); when they change the
+graph, "OpenVINO int8, not rewritten" shows int8 without them.
 
-Run:  python benchmarks/compress_cpu.py [--threads N] [--repeats 20] [--calib-tiles 32] [--quick]
+Run:  python benchmarks/compress_cpu.py [--threads N] [--repeats 20] [--calib-tiles 32] [--quick] [--profile]
+
+--profile adds OpenVINO's per-layer timings by layer type and the multiply-accumulate rate of the
+convolutions for each precision: on a CPU whose int8 convolutions already run at its int8/fp32 throughput
+ratio (4× with AVX512-VNNI and no AMX), no software change makes int8 much faster.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from efficientbioai import metrics
 from efficientbioai.compress.export import export_onnx, rewrite_onnx, slim_onnx, to_openvino
 from efficientbioai.compress.pipeline import postprocess, preprocess
 from efficientbioai.compress.quantize import quantize_int8
+from efficientbioai.compress.rewrite import rewrite_summary
 from efficientbioai.config import ModelConfig, QuantizeConfig
 from efficientbioai.engines import OpenVINOEngine, TorchEngine, default_threads, median_latency_ms
 from efficientbioai.models import load_model
@@ -81,26 +87,104 @@ def int8_convolutions(engine: OpenVINOEngine) -> str:
     return f"{sum(p in ('u8', 'i8') for p in precisions)}/{len(precisions)} conv int8"
 
 
-def build_engines(module, x: np.ndarray, axes: str, calib: list[np.ndarray], threads: int) -> dict:
+def build_engines(module, x: np.ndarray, axes: str, calib: list[np.ndarray], threads: int):
     """PyTorch eager plus OpenVINO fp32 / bf16 / int8 engines from one ONNX export of ``module``.
 
     The ONNX graph goes through the same slimming and exact rewrites as in ``efficientbioai compress``.
     When a rewrite changed the graph, an int8 engine built without it is added for comparison.
+    Returns the engines and the ``openvino.Model`` behind each OpenVINO engine (for ``--profile``).
     """
     engines = {ROWS[0]: TorchEngine(module, threads)}
+    models = {}
     cfg = QuantizeConfig(precision="int8", preset="performance", per_channel=True)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(module, x, Path(tmp) / "model.onnx", axes)
         slim_onnx(onnx_path)
         plain = to_openvino(onnx_path)
-        moved = rewrite_onnx(onnx_path)
-        engines[ROWS[1]] = OpenVINOEngine(to_openvino(onnx_path), "fp32", threads)
-        engines[ROWS[2]] = OpenVINOEngine(to_openvino(onnx_path), "bf16", threads)
-        engines[ROWS[3]] = OpenVINOEngine(quantize_int8(to_openvino(onnx_path), calib, cfg), "int8", threads)
-        if moved:
-            print(f"  exact rewrite: {len(moved)} 1×1 convolution(s) moved before upsampling", flush=True)
-            engines[NOT_REWRITTEN] = OpenVINOEngine(quantize_int8(plain, calib, cfg), "int8", threads)
-    return engines
+        rewritten = rewrite_onnx(onnx_path)
+        models[ROWS[1]] = to_openvino(onnx_path)
+        models[ROWS[2]] = to_openvino(onnx_path)
+        models[ROWS[3]] = quantize_int8(to_openvino(onnx_path), calib, cfg)
+        if rewritten:
+            print(f"  exact rewrite: {rewrite_summary(rewritten)}", flush=True)
+            models[NOT_REWRITTEN] = quantize_int8(plain, calib, cfg)
+    for name, model in models.items():
+        precision = "bf16" if name == ROWS[2] else "int8" if "int8" in name else "fp32"
+        engines[name] = OpenVINOEngine(model, precision, threads)
+    return engines, models
+
+
+def convolution_macs(model, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of all (transposed, grouped) convolutions of ``model`` at input ``shape``."""
+    m = model.clone()
+    m.reshape(list(shape))
+    total = 0
+    for op in m.get_ordered_ops():
+        kind = op.get_type_name()
+        if "Convolution" not in kind:
+            continue
+        w = list(op.input(1).get_shape())
+        if kind.startswith("Group"):
+            w = w[1:]  # [G, a, b, *k] → per group [a, b, *k]
+        k = int(np.prod(w[2:]))
+        if kind.endswith("BackpropData"):  # weight [Cin, Cout, *k]: every input value feeds Cout × k outputs
+            total += int(np.prod(list(op.input(0).get_shape()))) * w[1] * k
+        else:  # weight [Cout, Cin, *k]: every output value sums Cin × k products
+            total += int(np.prod(list(op.output(0).get_shape()))) * w[1] * k
+    return total
+
+
+def profile(models: dict, x: np.ndarray, threads: int, rounds: int = 10) -> None:
+    """OpenVINO's per-layer timings, by layer type, and the convolutions' multiply-accumulate rate.
+
+    Shows how close each precision gets to the CPU's peak: if int8 convolutions already run at about the
+    ratio of int8 to fp32 throughput of the hardware, only other hardware (AMX) makes int8 much faster.
+    """
+    import openvino as ov
+
+    macs = convolution_macs(models[ROWS[1]], x.shape)
+    core = ov.Core()
+    rows, rate = [], {}
+    for name, model in models.items():
+        hint = {ROWS[2]: "bf16"}.get(name, "f32")
+        compiled = core.compile_model(
+            model,
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": hint,
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": threads,
+                "PERF_COUNT": True,
+            },
+        )
+        request = compiled.create_infer_request()
+        for _ in range(3):
+            request.infer({0: x})
+        by_type: dict[str, float] = {}
+        for _ in range(rounds):
+            request.infer({0: x})
+            for info in request.profiling_info:
+                ms = info.real_time.total_seconds() * 1e3 / rounds
+                by_type[info.node_type] = by_type.get(info.node_type, 0.0) + ms
+        is_conv = {k: "onvolution" in k for k in by_type}  # (Group)Convolution, Deconvolution, …BackpropData
+        conv = sum(v for k, v in by_type.items() if is_conv[k])
+        rest = sorted(((v, k) for k, v in by_type.items() if not is_conv[k]), reverse=True)
+        rate[name] = macs / (conv * 1e-3) / 1e12
+        rows.append(
+            [
+                name,
+                f"{sum(by_type.values()):.1f}",
+                f"{conv:.1f}",
+                f"{rate[name]:.3f}",
+                ", ".join(f"{k} {v:.1f}" for v, k in rest[:3] if v >= 0.05),
+            ]
+        )
+    header = ["engine", "layers ms", "conv ms", "conv TMAC/s", "largest other layers (ms)"]
+    print(table(header, rows, title=f"OpenVINO per-layer profile ({macs / 1e9:.2f} GMAC of convolutions)"))
+    print(
+        f"int8 / fp32 convolution throughput: {rate[ROWS[3]] / rate[ROWS[1]]:.2f}x; "
+        f"bf16 / fp32: {rate[ROWS[2]] / rate[ROWS[1]]:.2f}x"
+    )
 
 
 def interleaved_latency(engines: dict, x: np.ndarray, repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -122,7 +206,7 @@ def benchmark(
     print(
         f"\n[{title}] exporting, converting and quantizing on {len(calib)} calibration tiles ...", flush=True
     )
-    engines = build_engines(module, x, axes, calib, args.threads)
+    engines, models = build_engines(module, x, axes, calib, args.threads)
     outputs = {name: post(eng(x)) for name, eng in engines.items()}
     lat = interleaved_latency(engines, x, args.repeats)
     ref_ms, ov_ms, ref_out = lat[ROWS[0]], lat[ROWS[1]], outputs[ROWS[0]]
@@ -160,6 +244,8 @@ def benchmark(
     )
     for eng in engines.values():
         eng.close()
+    if args.profile:
+        profile(models, x, args.threads)
 
 
 def unet3d(args) -> None:
@@ -217,6 +303,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds (default 20)")
     parser.add_argument("--calib-tiles", type=int, default=32, help="int8 calibration tiles (default 32)")
     parser.add_argument("--quick", action="store_true", help="smaller run: 5 rounds, 8 calibration tiles")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print OpenVINO's per-layer time by layer type and the convolutions' MAC rate per precision",
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.calib_tiles = min(args.repeats, 5), min(args.calib_tiles, 8)

@@ -262,8 +262,10 @@ class ExportConfig(_Strict):
     slim: bool = Field(True, description="simplify the ONNX graph with onnxslim")
     rewrite: bool = Field(
         True,
-        description="exact graph rewrites that make every engine faster: a 1×1 convolution after a "
-        "bilinear/nearest upsampling runs before it, at the low resolution (same result up to rounding)",
+        description="exact graph rewrites that make engines faster (same result up to rounding): a 1×1 "
+        "convolution after a bilinear/nearest upsampling runs before it, at the low resolution; a narrow "
+        "strided transposed convolution (≤ 8 output channels, e.g. a U-Net's output layer) becomes a "
+        "convolution + pixel shuffle, which CPUs run much faster and OpenVINO can run in int8",
     )
 
     @field_validator("targets")

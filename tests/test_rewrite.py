@@ -11,11 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from efficientbioai.compress import compress
 from efficientbioai.compress.export import export_onnx, rewrite_onnx, slim_onnx
-from efficientbioai.compress.rewrite import pointwise_before_upsample
+from efficientbioai.compress.rewrite import pointwise_before_upsample, transposed_conv_to_subpixel
 from efficientbioai.config import validate_config
 from efficientbioai.engines import OnnxRuntimeEngine, TorchEngine
 
-from .conftest import blobs
+from .conftest import TINY_UNET_KWARGS, blobs, tiny_unet
 
 
 class UpsamplingUNet(torch.nn.Module):
@@ -76,7 +76,7 @@ def test_pointwise_conv_moves_before_upsampling_and_the_output_is_unchanged(tmp_
     path = _exported(net, ndim, tmp_path)
     before = onnx.load(str(path))
     assert _resize_inputs(before) == ["Relu"]
-    moved = rewrite_onnx(path)
+    moved = rewrite_onnx(path)["pointwise_before_upsample"]
     after = onnx.load(str(path))
     onnx.checker.check_model(after, full_check=True)
     assert len(moved) == 1 and _resize_inputs(after) == ["Conv"]
@@ -99,7 +99,7 @@ def test_pointwise_conv_moves_before_upsampling_and_the_output_is_unchanged(tmp_
 def test_what_is_not_a_pointwise_conv_after_upsampling_is_left_alone(tmp_path, kwargs, why):
     path = _exported(UpsamplingUNet(2, **kwargs), 2, tmp_path)
     before = onnx.load(str(path)).SerializeToString()
-    assert rewrite_onnx(path) == [], why
+    assert rewrite_onnx(path) == {}, why
     assert onnx.load(str(path)).SerializeToString() == before
 
 
@@ -200,3 +200,100 @@ def test_graphs_with_control_flow_are_left_alone():
     )
     assert pointwise_before_upsample(model) == []
     assert [n.op_type for n in model.graph.node] == ["Resize", "Conv", "If"]
+
+
+# ------------------------------------------------------------------ transposed convolution → pixel shuffle
+
+
+@pytest.mark.parametrize(
+    ("ndim", "kwargs"),
+    [
+        (3, {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1}),  # MONAI UNet's up layers
+        (3, {"kernel_size": 2, "stride": 2}),
+        (3, {"kernel_size": 4, "stride": 2, "padding": 1, "bias": False}),
+        (2, {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1}),
+        (2, {"kernel_size": 3, "stride": (2, 1), "padding": 1, "output_padding": (1, 0)}),
+        (2, {"kernel_size": 5, "stride": 3, "padding": 2, "output_padding": 2}),
+        (2, {"kernel_size": 3, "stride": 2, "padding": 0}),
+    ],
+)
+def test_narrow_transposed_conv_becomes_conv_and_pixel_shuffle(tmp_path, ndim, kwargs):
+    conv_t = torch.nn.ConvTranspose2d if ndim == 2 else torch.nn.ConvTranspose3d
+    torch.manual_seed(0)
+    net = conv_t(6, 3, **kwargs).eval()
+    shape = (1, 6, 5, 7) if ndim == 2 else (1, 6, 3, 5, 7)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    path = export_onnx(net, x, tmp_path / "m.onnx", "bcyx" if ndim == 2 else "bczyx")
+    model = onnx.load(str(path))
+    assert transposed_conv_to_subpixel(model) == ["/ConvTranspose"]
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert "ConvTranspose" not in ops and ops.count("Conv") == 1
+    # other shapes than the export's (odd sizes, batch 2): the pixel shuffle is built from the runtime shape
+    other = (2, 6, 4, 9) if ndim == 2 else (2, 6, 4, 6, 9)
+    x2 = np.random.default_rng(1).standard_normal(other).astype(np.float32)
+    got = _run_input(model, x2)
+    np.testing.assert_allclose(got, net(torch.from_numpy(x2)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("channels_out", "kwargs", "why"),
+    [
+        (16, {}, "wide layers: the phase kernels' zero taps cost more than the rewrite saves"),
+        (4, {"groups": 2}, "grouped"),
+        (4, {"dilation": 2}, "dilated"),
+        (4, {"stride": 1}, "not strided: nothing to interleave"),
+    ],
+)
+def test_other_transposed_convs_are_left_alone(tmp_path, channels_out, kwargs, why):
+    args = {"kernel_size": 3, "stride": 2, "padding": 1, **kwargs}
+    net = torch.nn.ConvTranspose2d(4, channels_out, **args).eval()
+    x = np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    model = onnx.load(str(export_onnx(net, x, tmp_path / "m.onnx", "bcyx")))
+    before = model.SerializeToString()
+    assert transposed_conv_to_subpixel(model) == [], why
+    assert model.SerializeToString() == before
+
+
+def _run_input(model, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})[0]
+
+
+def test_monai_unet_int8_through_compress_with_the_output_layer_rewritten(tmp_path):
+    """The MONAI UNet's narrow up layers run as convolutions, in int8, and infer needs nothing new."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        tifffile.imwrite(folder / f"vol{i}.tif", blobs((24, 48, 48), seed=i)[0])
+    torch.save(tiny_unet(3).state_dict(), tmp_path / "unet.pt")
+    cfg = {
+        "model": {
+            "kind": "monai",
+            "name": "UNet",
+            "kwargs": TINY_UNET_KWARGS,
+            "checkpoint": str(tmp_path / "unet.pt"),
+            "axes": "bczyx",
+        },
+        "calibration": {"images": str(folder / "*.tif"), "num_tiles": 6, "tile_shape": [16, 32, 32]},
+        "quantize": {"precision": "int8"},
+        "fidelity": {"num_tiles": 2, "max_pearson_drop": 0.02},
+        "engine": {"latency_repeats": 1},
+        "output": str(tmp_path / "out"),
+    }
+    manifest = compress(validate_config(cfg), quiet=True).manifest
+    step = next(t for t in manifest["transformations"] if t["step"] == "rewrite")
+    assert len(step["transposed_conv_to_subpixel"]) == 2  # both up layers have ≤ 8 output channels
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node]
+    assert "ConvTranspose" not in ops
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(tmp_path / "out" / "openvino" / "model.xml"), "CPU")
+    precisions = {
+        op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str)
+        for op in compiled.get_runtime_model().get_ordered_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+    }
+    subpixel = [p for name, p in precisions.items() if "_subpixel" in name]
+    assert len(subpixel) == 2 and all(p in ("u8", "i8") for p in subpixel)  # the new convs run in int8

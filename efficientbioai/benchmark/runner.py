@@ -42,6 +42,7 @@ from efficientbioai.benchmark.config import (
     variant_configs,
 )
 from efficientbioai.benchmark.worker import MARK, load_image
+from efficientbioai.compress.rewrite import rewrite_summary
 from efficientbioai.engines import default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 
@@ -631,8 +632,7 @@ def _transformations(manifest: dict[str, Any] | None) -> list[str]:
         if step == "quantize_int8":
             out.append(f"int8 ({t.get('tool', 'nncf')}, {t.get('preset')} preset)")
         elif step == "rewrite":
-            moved = t.get("pointwise_before_upsample") or []
-            out.append(f"exact rewrite: {len(moved)} 1×1 convolution(s) moved before upsampling")
+            out.append("exact rewrite: " + rewrite_summary(t))
         elif step == "engine_precision":
             out.append(f"engine precision {t.get('requested')} → runs {t.get('runs')}")
         else:

@@ -57,17 +57,24 @@ def slim_onnx(path: Path) -> None:
     onnx.save(slim, str(path))
 
 
-def rewrite_onnx(path: Path) -> list[str]:
-    """Apply the exact rewrites of :mod:`efficientbioai.compress.rewrite` in place; returns what moved."""
+def rewrite_onnx(path: Path) -> dict[str, list[str]]:
+    """Apply the exact rewrites of :mod:`efficientbioai.compress.rewrite` in place.
+
+    Returns {rewrite: names of the layers it changed} for the rewrites that changed something.
+    """
     import onnx
 
-    from efficientbioai.compress.rewrite import pointwise_before_upsample
+    from efficientbioai.compress.rewrite import pointwise_before_upsample, transposed_conv_to_subpixel
 
     model = onnx.load(str(path))
-    moved = pointwise_before_upsample(model)
-    if moved:
+    done = {
+        "pointwise_before_upsample": pointwise_before_upsample(model),
+        "transposed_conv_to_subpixel": transposed_conv_to_subpixel(model),
+    }
+    done = {k: v for k, v in done.items() if v}
+    if done:
         onnx.save(model, str(path))
-    return moved
+    return done
 
 
 def copy_onnx(src: Path, dst: Path) -> Path:

@@ -406,9 +406,9 @@ def _export(module, loaded: LoadedModel, example: np.ndarray, directory: Path, c
         slim_onnx(onnx_path)
         steps.append({"step": "onnxslim"})
     if cfg.export.rewrite:
-        moved = rewrite_onnx(onnx_path)
-        if moved:
-            steps.append({"step": "rewrite", "pointwise_before_upsample": moved})
+        rewritten = rewrite_onnx(onnx_path)
+        if rewritten:
+            steps.append({"step": "rewrite", **rewritten})
     ref = TorchEngine(module, threads) if module is not None else reference_engine(loaded, threads)
     # The exported graph must compute what the network computes before anything else is built on it.
     with OnnxRuntimeEngine(onnx_path, threads) as ort_engine:

@@ -14,10 +14,20 @@ parity check against the original network still runs after the rewrite.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
 _MODES = {"nearest", "linear"}  # cubic weights also sum to one but are not worth the risk
+
+
+def rewrite_summary(step: dict[str, Any]) -> str:
+    """'1 1×1 convolution(s) moved before upsampling, …' for a rewrite step of the manifest."""
+    what = {
+        "pointwise_before_upsample": "1×1 convolution(s) moved before upsampling",
+        "transposed_conv_to_subpixel": "transposed convolution(s) as convolution + pixel shuffle",
+    }
+    return ", ".join(f"{len(step[k])} {text}" for k, text in what.items() if step.get(k))
 
 
 def _attrs(node) -> dict:
@@ -164,3 +174,152 @@ def pointwise_before_upsample(model) -> list[str]:
     if moved:
         _topological_sort(graph)
     return moved
+
+
+def _int_const(graph, name: str, values) -> str:
+    """Add an int64 initializer and return its name."""
+    from onnx import numpy_helper
+
+    graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+    return name
+
+
+def _subpixel_weights(w: np.ndarray, strides: list[int]) -> tuple[np.ndarray, list[int]]:
+    """ConvTranspose weights [Cin, Cout, *k] → Conv weights [Cout · prod(s), Cin, *J], J = ceil(k / s).
+
+    Phase r (per axis) of the transposed convolution's output is an ordinary correlation of the input
+    with taps w[r + s·j] at input offset −j; output channel c · prod(s) + phase holds phase ``phase``
+    (row-major over the axes) of channel c.
+    """
+    cin, cout, *k = w.shape
+    j = [-(-kk // s) for kk, s in zip(k, strides, strict=True)]
+    phases = list(np.ndindex(*strides))
+    out = np.zeros((cout, len(phases), cin, *j), w.dtype)
+    for p, r in enumerate(phases):
+        for t in np.ndindex(*j):  # kernel position t holds tap j = J − 1 − t (the kernel is flipped)
+            kk = [ri + si * (ji - 1 - ti) for ri, si, ji, ti in zip(r, strides, j, t, strict=True)]
+            if all(0 <= a < b for a, b in zip(kk, k, strict=True)):
+                out[(slice(None), p, slice(None), *t)] = w[(slice(None), slice(None), *kk)].T
+    return out.reshape(cout * len(phases), cin, *j), j
+
+
+def transposed_conv_to_subpixel(model, max_out_channels: int = 8) -> list[str]:
+    """Replace narrow strided ``ConvTranspose`` layers by an ordinary convolution and a pixel shuffle.
+
+    A transposed convolution with stride s is s^d interleaved ordinary convolutions (one per output
+    phase). Computed as one convolution with Cout · s^d output channels, followed by a reshape/transpose
+    that interleaves the phases and a crop, it gives the same result up to float rounding. CPU
+    engines run narrow transposed convolutions (the output layer of a MONAI UNet has one channel) far
+    below their convolution speed and OpenVINO keeps them out of int8; the convolution form runs in int8.
+    Only layers with at most ``max_out_channels`` output channels are rewritten: for wide layers the
+    zero taps of the phase kernels (k=3, s=2: 2.4× the multiply-accumulates) cost more than they save.
+    Edits ``model`` in place; returns the names of the rewritten layers.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
+        return []
+    done = []
+    for node in list(graph.node):
+        if node.op_type != "ConvTranspose":
+            continue
+        a = _attrs(node)
+        w = _constant(graph, node.input[1])
+        b = _constant(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if w is None or w.ndim not in (4, 5) or (len(node.input) > 2 and node.input[2] and b is None):
+            continue
+        nd = w.ndim - 2
+        k = list(w.shape[2:])
+        s = list(a.get("strides", [1] * nd))
+        pads = list(a.get("pads", [0] * 2 * nd))
+        out_pad = list(a.get("output_padding", [0] * nd))
+        if (
+            a.get("group", 1) != 1
+            or any(d != 1 for d in a.get("dilations", [1] * nd))
+            or "output_shape" in a
+            or a.get("auto_pad", b"NOTSET") not in (b"NOTSET",)
+            or all(si == 1 for si in s)
+            or w.shape[1] > max_out_channels
+            or list(a.get("kernel_shape", k)) != k
+        ):
+            continue
+        cin, cout = w.shape[:2]
+        weights, j = _subpixel_weights(w, s)
+        p_begin, p_end = pads[:nd], pads[nd:]
+        # the phase grid covers (L + J − 1) · s positions; keep [p_begin, L_out + p_begin)
+        crop_end = [
+            ji * si - ki + pe - op for ji, si, ki, pe, op in zip(j, s, k, p_end, out_pad, strict=True)
+        ]
+        if any(c < 0 for c in crop_end) or any(op >= si for op, si in zip(out_pad, s, strict=True)):
+            continue
+        base = (node.name or node.output[0]).strip("/").replace("/", "_") + "_subpixel"
+        wname = f"{base}_w"
+        graph.initializer.append(numpy_helper.from_array(weights.astype(w.dtype), wname))
+        conv_inputs = [node.input[0], wname]
+        if b is not None:
+            bname = f"{base}_b"
+            graph.initializer.append(
+                numpy_helper.from_array(np.repeat(b, int(np.prod(s))).astype(b.dtype), bname)
+            )
+            conv_inputs.append(bname)
+        phases_out = f"{base}_phases"
+        new = [
+            helper.make_node(
+                "Conv",
+                conv_inputs,
+                [phases_out],
+                kernel_shape=j,
+                pads=[ji - 1 for ji in j] * 2,
+                name=f"{base}/Conv",
+            )
+        ]
+        # [N, Cout·S, *M] → [N, Cout, *s, *M] → [N, Cout, M0, s0, M1, s1, …] → [N, Cout, *(M·s)]
+        shape = f"{base}_shape"
+        new.append(helper.make_node("Shape", [phases_out], [shape], name=f"{base}/Shape"))
+        n_dim, m_dims = f"{base}_n", f"{base}_m"
+        new.append(helper.make_node("Gather", [shape, _int_const(graph, f"{base}_i0", [0])], [n_dim], axis=0))
+        new.append(
+            helper.make_node(
+                "Gather", [shape, _int_const(graph, f"{base}_im", list(range(2, 2 + nd)))], [m_dims], axis=0
+            )
+        )
+        split_shape = f"{base}_split_shape"
+        new.append(
+            helper.make_node(
+                "Concat", [n_dim, _int_const(graph, f"{base}_cs", [cout, *s]), m_dims], [split_shape], axis=0
+            )
+        )
+        split = f"{base}_split"
+        new.append(helper.make_node("Reshape", [phases_out, split_shape], [split]))
+        perm = [0, 1] + [i for d in range(nd) for i in (2 + nd + d, 2 + d)]
+        interleaved = f"{base}_interleaved"
+        new.append(helper.make_node("Transpose", [split], [interleaved], perm=perm))
+        full = f"{base}_full"
+        new.append(helper.make_node("Mul", [m_dims, _int_const(graph, f"{base}_s", s)], [full]))
+        merged_shape = f"{base}_merged_shape"
+        new.append(
+            helper.make_node(
+                "Concat", [n_dim, _int_const(graph, f"{base}_c", [cout]), full], [merged_shape], axis=0
+            )
+        )
+        merged = f"{base}_merged"
+        new.append(helper.make_node("Reshape", [interleaved, merged_shape], [merged]))
+        big = np.iinfo(np.int64).max
+        starts = _int_const(graph, f"{base}_starts", p_begin)
+        ends = _int_const(graph, f"{base}_ends", [-c if c else big for c in crop_end])
+        axes = _int_const(graph, f"{base}_axes", list(range(2, 2 + nd)))
+        new.append(
+            helper.make_node("Slice", [merged, starts, ends, axes], [node.output[0]], name=f"{base}/Crop")
+        )
+        index = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, n in enumerate(new):
+            graph.node.insert(index + offset, n)
+        done.append(node.name or node.output[0])
+    return done
