@@ -52,7 +52,12 @@ def test_cli_compresses_3d_monai_unet_to_int8(tmp_path, monai3d):
     m = read_manifest(out)
     assert m["precision"] == "int8"
     assert m["input"]["axes"] == "bczyx" and m["input"]["tile_step"] == [4, 4, 4]
-    assert [t["step"] for t in m["transformations"]] == ["export_onnx", "onnxslim", "quantize_int8"]
+    assert [t["step"] for t in m["transformations"]] == [
+        "export_onnx",
+        "onnxslim",
+        "rewrite",
+        "quantize_int8",
+    ]
     assert (
         m["engines"]["openvino"]["precision"] == "fp32"
     )  # float parts pinned to fp32, not OpenVINO's bf16 default
