@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="fine-tuning learning rate")
     ap.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds")
     ap.add_argument("--weights", type=Path, help="reuse (or, if absent, save) the trained network here")
+    ap.add_argument(
+        "--keep", type=Path, help="write the images and artifacts here and keep them (default: a temp dir)"
+    )
     args = ap.parse_args()
 
     import torch
@@ -130,8 +133,9 @@ def main() -> None:
         flush=True,
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) if args.keep is None else args.keep
+        tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "images").mkdir()
         for i, (noisy, _) in enumerate(train_data):
             tifffile.imwrite(tmp / "images" / f"vol{i}.tif", noisy)
@@ -174,7 +178,8 @@ def main() -> None:
         manifests, engines = {}, {"PyTorch fp32 eager": TorchEngine(net, args.threads)}
         for name, extra in variants.items():
             t = time.perf_counter()
-            cfg = validate_config({**base, **extra, "output": str(tmp / f"v{len(manifests)}")})
+            out = str(tmp / f"v{len(manifests)}")
+            cfg = validate_config({**base, **extra, "output": out, "overwrite": True})
             try:
                 res = compress(cfg, quiet=True)
             except FidelityError as exc:
