@@ -161,7 +161,8 @@ def pointwise_before_upsample(model) -> list[str]:
             new_sizes[1] = out_channels
             name = f"{resize.name or resize.output[0]}_sizes_after_pointwise"
             graph.initializer.append(numpy_helper.from_array(new_sizes.astype(sizes.dtype), name))
-            resize.input[3] = name
+            old_sizes, resize.input[3] = resize.input[3], name
+            _drop_unused_initializers(graph, [old_sizes])
         low = f"{conv.output[0]}_before_upsample"
         x, upsampled, out = resize.input[0], resize.output[0], conv.output[0]
         conv.input[0], conv.output[0] = x, low
@@ -174,6 +175,15 @@ def pointwise_before_upsample(model) -> list[str]:
     if moved:
         _topological_sort(graph)
     return moved
+
+
+def _drop_unused_initializers(graph, names) -> None:
+    """Remove the initializers among ``names`` that no node reads any more (weights a rewrite replaced)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    used |= {i.name for i in graph.input}  # old IR versions list initializers as inputs too: keep those
+    stale = [init for init in graph.initializer if init.name in set(names) - used]
+    for init in stale:
+        graph.initializer.remove(init)
 
 
 def _int_const(graph, name: str, values) -> str:
@@ -321,5 +331,6 @@ def transposed_conv_to_subpixel(model, max_out_channels: int = 8) -> list[str]:
         graph.node.remove(node)
         for offset, n in enumerate(new):
             graph.node.insert(index + offset, n)
+        _drop_unused_initializers(graph, node.input[1:])
         done.append(node.name or node.output[0])
     return done
