@@ -93,6 +93,14 @@ def _spatial_only_resize(graph, resize) -> tuple[bool, np.ndarray | None]:
     return True, None
 
 
+def _has_control_flow(graph) -> bool:
+    """If / Loop / Scan bodies may read outer tensors without naming them: node order is not ours to change."""
+    import onnx
+
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in kinds for n in graph.node for a in n.attribute)
+
+
 def _topological_sort(graph) -> None:
     """Reorder ``graph.node`` so that every node comes after the producers of its inputs (stable)."""
     produced_by = {out: i for i, node in enumerate(graph.node) for out in node.output}
@@ -127,16 +135,11 @@ def pointwise_before_upsample(model) -> list[str]:
     Only a ``Resize`` whose single consumer is the convolution is rewritten (otherwise the upsampled
     tensor is needed anyway). Edits ``model`` in place; returns the names of the moved convolutions.
     """
-    import onnx
     from onnx import numpy_helper
 
     graph = model.graph
-    if any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in graph.node
-        for a in n.attribute
-    ):
-        return []  # control flow (If / Loop) may read tensors implicitly: node order is not ours to change
+    if _has_control_flow(graph):
+        return []
     consumers = defaultdict(list)
     for node in graph.node:
         for name in node.input:
@@ -225,15 +228,10 @@ def transposed_conv_to_subpixel(model, max_out_channels: int = 8) -> list[str]:
     zero taps of the phase kernels (k=3, s=2: 2.4× the multiply-accumulates) cost more than they save.
     Edits ``model`` in place; returns the names of the rewritten layers.
     """
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    if any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-        for n in graph.node
-        for a in n.attribute
-    ):
+    if _has_control_flow(graph):
         return []
     done = []
     for node in list(graph.node):
