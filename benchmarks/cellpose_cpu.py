@@ -44,22 +44,14 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-from infer_cpu import machine_busy_seconds, own_cpu_seconds  # sibling benchmark script (on sys.path)
+from compress_cpu import cpu_model  # sibling benchmark scripts (on sys.path)
+from infer_cpu import own_cpu_seconds
 
+from efficientbioai.benchmark.environment import machine_busy_seconds
 from efficientbioai.report import table
 
 TARGET_NETWORK, TARGET_TOTAL = 5.0, 2.0
 IMAGE_SEED, TRAIN_SEEDS, CALIB_SEEDS = 2048, range(8), range(100, 104)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def quiet() -> None:
@@ -246,7 +238,7 @@ def report(runs: dict[str, list], truth: np.ndarray, diameter: float, args, shap
             f"network briefly trained ({args.epochs} epochs)",
         )
     )
-    print(f"{cpu_name()}, Python {platform.python_version()}, {versions}")
+    print(f"{cpu_model()}, Python {platform.python_version()}, {versions}")
     net_x = med(ref_name, "network_seconds") / med(int8_name, "network_seconds")
     tot_x = med(ref_name, "seconds") / med(int8_name, "seconds")
     print(

@@ -529,9 +529,8 @@ def _format_errors(err: ValidationError, model: type[BaseModel], source: str) ->
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, model: type[BaseModel] = CompressConfig, overrides: dict | None = None):
-    """Read and validate a YAML config; every problem is reported with its key path."""
-    path = Path(path)
+def read_config_file(path: Path, overrides: dict | None = None, examples: str = "configs/") -> dict:
+    """A YAML config file as a mapping, with the non-None ``overrides`` (command-line options) applied."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", "check the path given to --config")
     try:
@@ -541,9 +540,15 @@ def load_config(path: str | Path, model: type[BaseModel] = CompressConfig, overr
             f"{path} is not valid YAML: {exc}", "fix the indentation / syntax at that line"
         ) from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping of keys to values", "see configs/ for examples")
+        raise ConfigError(f"{path} must be a mapping of keys to values", f"see {examples} for examples")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validate_config(data, model, source=str(path))
+    return data
+
+
+def load_config(path: str | Path, model: type[BaseModel] = CompressConfig, overrides: dict | None = None):
+    """Read and validate a YAML config; every problem is reported with its key path."""
+    path = Path(path)
+    return validate_config(read_config_file(path, overrides), model, source=str(path))
 
 
 def validate_config(data: dict, model: type[BaseModel] = CompressConfig, source: str = "config"):

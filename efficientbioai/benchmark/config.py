@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from efficientbioai.config import (
@@ -22,6 +21,7 @@ from efficientbioai.config import (
     ModelConfig,
     TilingConfig,
     _Strict,
+    read_config_file,
     validate_config,
 )
 from efficientbioai.errors import ConfigError
@@ -305,17 +305,7 @@ def variant_configs(
 def load_benchmark_config(path: str | Path, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
     """Read and validate a benchmark config, including every variant's merged compress config."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", "check the path given to --config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            f"{path} is not valid YAML: {exc}", "fix the indentation / syntax at that line"
-        ) from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping of keys to values", "see configs/benchmark_*.yaml")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    data = read_config_file(path, overrides, examples="configs/benchmark_*.yaml")
     return check_benchmark_config(data, source=str(path))
 
 
