@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from efficientbioai.errors import ConfigError
 
+DEFAULT_MAX_DROP = 0.01
+"""The default accuracy budget: Pearson r to the original may drop by at most this (absolute)."""
+
+AUTO_PRUNE_RATIOS = (0.25, 0.5)
+"""Pruning ratios that ``quantize.strategy: auto`` tries when prune.ratio is not given."""
+
 AXES_HELP = "input axes of the network, 'bcyx' for 2D or 'bczyx' for 3D"
 
 
@@ -127,9 +133,17 @@ class MaxDropConfig(_Strict):
 
 
 class FineTuneConfig(_Strict):
-    """Recovering accuracy after pruning, on tiles of the calibration images."""
+    """Recovering accuracy after pruning, on tiles of the calibration images.
 
-    steps: int = Field(200, ge=0, description="optimizer steps (0: no fine-tuning)")
+    Training stops early: when the validation Pearson r to the original reaches ``stop_at_drop`` (by
+    default half of ``quantize.max_drop``, leaving the other half to quantization), or when it has not
+    improved by ``min_delta`` for ``patience`` validations; ``steps`` is only the cap.
+    """
+
+    steps: int = Field(
+        2000, ge=0, description="at most this many optimizer steps (0: no fine-tuning); training stops "
+        "earlier when the validation Pearson r reaches stop_at_drop or stops improving (patience)"
+    )
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     batch_size: int = Field(2, ge=1, description="tiles per step")
     tile_shape: list[int] | None = Field(
@@ -141,7 +155,26 @@ class FineTuneConfig(_Strict):
         "model's outputs (no labels needed); auto: supervised when targets are given, else distill",
     )
     eval_every: int | None = Field(
-        None, ge=1, description="validate every this many steps and keep the best (default: steps / 10)"
+        None,
+        ge=1,
+        description="validate every this many steps and keep the best (default: 50, or steps / 10 when "
+        "that is smaller)",
+    )
+    patience: int | None = Field(
+        4,
+        ge=1,
+        description="stop after this many validations in a row without an improvement of min_delta "
+        "(null: always run all steps)",
+    )
+    min_delta: float = Field(
+        1e-4, ge=0, description="the smallest rise of the validation Pearson r that counts as improvement"
+    )
+    stop_at_drop: float | None = Field(
+        None,
+        ge=0,
+        description="stop once 1 − validation Pearson r to the original is at most this (default: half of "
+        "quantize.max_drop when that budget is a Pearson drop, leaving the other half to quantization; "
+        "none without a budget)",
     )
     val_tiles: int = Field(
         8, ge=1, description="validation tiles that pick the best checkpoint (apart from the fidelity tiles)"
@@ -157,7 +190,8 @@ class PruneConfig(_Strict):
     ratio: float | list[float] = Field(
         0.5,
         description="fraction of channels removed from every prunable layer; a list of ratios is for "
-        "quantize.strategy auto, which tries each",
+        "quantize.strategy auto, which tries them from small to large (default with auto: "
+        "[0.25, 0.5])",
     )
     layer_ratios: dict[str, float] = Field(
         default_factory=dict,
@@ -193,7 +227,12 @@ class PruneConfig(_Strict):
 
     @property
     def ratios(self) -> list[float]:
-        return list(self.ratio) if isinstance(self.ratio, list) else [self.ratio]
+        """The ratios to build, smallest first (``strategy: auto`` tries them in this order)."""
+        return sorted(set(self.ratio)) if isinstance(self.ratio, list) else [self.ratio]
+
+    def auto_ratios(self) -> list[float]:
+        """The ladder ``strategy: auto`` climbs: the given ratios, or AUTO_PRUNE_RATIOS by default."""
+        return self.ratios if "ratio" in self.model_fields_set else list(AUTO_PRUNE_RATIOS)
 
 
 class QuantizeConfig(_Strict):
@@ -221,15 +260,19 @@ class QuantizeConfig(_Strict):
         description="int8: operation types kept in float, e.g. [ConvolutionBackpropData]",
     )
     max_drop: MaxDropConfig | None = Field(
-        None,
-        description="accuracy budget: how much the chosen metric may drop against the original "
-        "(a number is shorthand for {metric: pearson, value: <number>}). With precision int8, NNCF's "
-        "accuracy-controlled quantization keeps the most sensitive layers in float until it holds",
+        default_factory=lambda: MaxDropConfig(value=DEFAULT_MAX_DROP),
+        description="accuracy budget: how much the chosen metric may drop against the original on held-out "
+        "tiles; every candidate, pruned or not, is judged against it and compress fails rather than write "
+        "one outside it. Default: a Pearson drop of 0.01 (absolute). A number is shorthand for "
+        "{metric: pearson, value: <number>}. With precision int8, plain int8 is tried first, then NNCF's "
+        "accuracy-controlled quantization, which keeps the most sensitive layers in float until it holds. "
+        "null switches the budget off: the result is written whatever its accuracy (and says so)",
     )
     strategy: Literal["fixed", "auto"] = Field(
         "fixed",
-        description="fixed: build `precision`; auto: try int8 → int8 with float fallback → bf16 → fp32 "
-        "(with and without pruning at prune.ratio) and keep the fastest within quantize.max_drop",
+        description="fixed: build `precision`; auto: try int8 → int8 with float fallback → bf16 → fp32, "
+        "without pruning and then at each prune.ratio from small to large (stopping at the first ratio "
+        "where nothing stays within the budget), and keep the fastest within quantize.max_drop",
     )
 
     @field_validator("max_drop", mode="before")
@@ -241,7 +284,8 @@ class QuantizeConfig(_Strict):
     def _auto_needs_budget(self) -> QuantizeConfig:
         if self.strategy == "auto" and self.max_drop is None:
             raise ValueError(
-                "quantize.strategy auto needs an accuracy budget: set quantize.max_drop (e.g. 0.01)"
+                "quantize.strategy auto needs an accuracy budget: remove max_drop: null (default 0.01) "
+                "or set quantize.max_drop (e.g. 0.01)"
             )
         if self.strategy == "auto" and "precision" in self.model_fields_set:
             raise ValueError(

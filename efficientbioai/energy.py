@@ -82,9 +82,19 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["EnergyMeter", "EnergyReading", "Measurement", "format_energy"]
+__all__ = [
+    "EnergyMeter",
+    "EnergyReading",
+    "Measurement",
+    "energy_basis",
+    "energy_ratio_text",
+    "energy_summary",
+    "format_energy",
+    "is_cpu_time_estimate",
+]
 
 KWH_TO_J = 3.6e6
 TRACKING_MODE = "process"
@@ -141,6 +151,64 @@ def format_energy(reading: EnergyReading | None) -> str:
     else:
         text = f"{joules * 1000:.3g} mJ"
     return f"{text} ({reading.method})"
+
+
+CPU_TIME_ESTIMATE = "estimated from CPU time × an assumed power"
+
+
+def energy_basis(method: str | None, details: dict[str, Any] | None) -> str:
+    """How an energy figure was obtained, in words a reader can check.
+
+    A CodeCarbon ``cpu_load`` / ``constant`` CPU figure is the process's CPU time × a power taken from
+    CodeCarbon's table for the CPU's model name (e.g. 8 W for "AMD EPYC", far below a real EPYC's
+    package power): it is a model, not a measurement, and a ratio of two such figures is essentially
+    the ratio of their CPU times.
+    """
+    details = details or {}
+    if method in (None, UNAVAILABLE):
+        return "unavailable"
+    if method == MEASURED:
+        counters = details.get("counters") or "hardware energy counters"
+        return f"measured ({counters})"
+    cpu_mode = details.get("cpu_mode")
+    if cpu_mode in _MEASURED_CPU_MODES:
+        return "estimated (CPU from a hardware counter, RAM from CodeCarbon's power model)"
+    tdp = details.get("tdp_w")
+    power = f"{tdp:g} W, CodeCarbon's figure for this CPU model, not measured" if tdp is not None else None
+    return f"{CPU_TIME_ESTIMATE}" + (f" ({power})" if power else "") + " + a RAM power model"
+
+
+def is_cpu_time_estimate(method: str | None, details: dict[str, Any] | None) -> bool:
+    """True when the figure is CPU time × an assumed power (so its ratios restate CPU-time ratios)."""
+    details = details or {}
+    return method == ESTIMATED and details.get("cpu_mode") not in _MEASURED_CPU_MODES
+
+
+def energy_ratio_text(ratio: float, method: str | None, details: dict[str, Any] | None) -> str:
+    """'uses 3.2x less energy (<how it was obtained>)', never a bare saving."""
+    amount = f"{ratio:.2f}x less" if ratio >= 1 else f"{1 / ratio:.2f}x more"
+    if is_cpu_time_estimate(method, details):
+        return (
+            f"uses {amount} energy ({CPU_TIME_ESTIMATE}, not measured: this is close to the ratio of "
+            "CPU times, not a measured saving)"
+        )
+    return f"uses {amount} energy ({energy_basis(method, details)})"
+
+
+def energy_summary(readings: list[EnergyReading | None]) -> str | None:
+    """'energy: <how it was obtained> — <sources>' for the readings that have a figure, or None."""
+    have = [e for e in readings if e is not None and e.joules is not None]
+    if not have:
+        return None
+    bases = sorted({energy_basis(e.method, e.details) for e in have})
+    sources = sorted({e.source for e in have if e.source})
+    text = f"energy: {'; '.join(bases)} — {'; '.join(sources)}"
+    if any(is_cpu_time_estimate(e.method, e.details) for e in have):
+        text += (
+            ". No power counter is readable on this machine (no RAPL under /sys/class/powercap): these "
+            "joules are a model; compare them only within this report"
+        )
+    return text
 
 
 def _combine_methods(methods: list[str]) -> str:
@@ -260,6 +328,7 @@ class _CodeCarbonPart:
                     generic = " generic" if getattr(hw, "_is_generic_tdp", False) else ""
                     cpu_text += f", TDP {tdp:g} W{generic}"
                     details["tdp_w"] = tdp
+                    details["tdp_generic"] = bool(generic)
                 details["cpu_mode"] = mode
             elif kind in _MEASURED_HARDWARE_CLASSES and chip_part in ("CPU", "RAM"):
                 if chip_part == "CPU":
@@ -274,6 +343,67 @@ class _CodeCarbonPart:
         parts = {"cpu": cpu_method, "ram": ram_method}
         description = f"codecarbon {self.version} ({cpu_text}; {ram_text}; {TRACKING_MODE} tracking)"
         return parts, description, details
+
+
+RAPL_ROOT = "/sys/class/powercap"
+
+
+class _RaplPart:
+    """CPU package (and DRAM) energy from the kernel's RAPL counters, read directly from powercap.
+
+    The ``intel-rapl`` powercap driver also serves AMD Zen CPUs. Package domains are ``intel-rapl:N``
+    (name ``package-N``); a DRAM sub-domain ``intel-rapl:N:M`` (name ``dram``) is used when present.
+    Counters are microjoules that wrap at ``max_energy_range_uj``. They are package-wide: everything
+    that ran on the package meanwhile is included. Same interface as :class:`_CodeCarbonPart`.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.domains: dict[str, tuple[Path, int]] = {}
+        for d in sorted(Path(root).glob("intel-rapl:*")):
+            try:
+                name = (d / "name").read_text().strip()
+            except OSError:
+                continue
+            if not (name.startswith("package") or name == "dram"):
+                continue  # psys / core / uncore would count the same joules twice
+            label = name if name.startswith("package") else f"{name}-{d.name.split(':')[1]}"
+            try:
+                wrap = int((d / "max_energy_range_uj").read_text())
+            except (OSError, ValueError):
+                wrap = 0
+            self.domains[label] = (d / "energy_uj", wrap)
+        if not any(k.startswith("package") for k in self.domains):
+            raise FileNotFoundError(f"no RAPL package domain under {root}")
+        self._read()  # PermissionError here when the counters are root-only
+        self._before: dict[str, int] | None = None
+        has_dram = any(k.startswith("dram") for k in self.domains)
+        self.parts = {"cpu": MEASURED, **({"ram": MEASURED} if has_dram else {})}
+        names = " + ".join(self.domains)
+        counters = f"RAPL {names}, package-wide" + ("" if has_dram else "; RAM not included")
+        self.description = f"rapl counters ({names}; whole package{'' if has_dram else ', no DRAM domain'})"
+        self.static_details = {"cpu_mode": "rapl", "counters": counters, "tracking_mode": "package"}
+
+    def _read(self) -> dict[str, int]:
+        return {k: int(path.read_text()) for k, (path, _) in self.domains.items()}
+
+    def start(self) -> None:
+        self._before = self._read()
+
+    def stop(self) -> tuple[float, float, float | None]:
+        after = self._read()
+        cpu = ram = 0.0
+        for k, b in (self._before or after).items():
+            delta = after[k] - b
+            if delta < 0:  # the counter wrapped around
+                delta += self.domains[k][1]
+            if k.startswith("dram"):
+                ram += delta / 1e6
+            else:
+                cpu += delta / 1e6
+        return cpu, ram, None
+
+    def abandon(self) -> None:
+        pass
 
 
 class _NvmlPart:
@@ -311,10 +441,17 @@ class EnergyMeter:
     not be nested, and a meter must be used from one thread at a time.
     """
 
-    def __init__(self, enabled: bool = True, country_iso_code: str = "USA", gpu_index: int | None = None):
+    def __init__(
+        self,
+        enabled: bool = True,
+        country_iso_code: str = "USA",
+        gpu_index: int | None = None,
+        rapl_root: str | Path | None = RAPL_ROOT,
+    ):
         self.enabled = enabled
         self.gpu_index = gpu_index
-        self._cc: _CodeCarbonPart | None = None
+        self._cc: _CodeCarbonPart | _RaplPart | None = None
+        self.rapl_note: str | None = None  # why RAPL counters were not used (when they exist)
         self._gpu: _NvmlPart | None = None
         self._reason: str | None = None  # why CPU/RAM energy is unavailable
         self._gpu_reason: str | None = None
@@ -324,11 +461,23 @@ class EnergyMeter:
         if not enabled:
             self._reason = "energy measurement disabled"
             return
-        try:
-            self._cc = _CodeCarbonPart(country_iso_code)
-        except Exception as exc:  # ImportError, or anything CodeCarbon raises on this machine
-            self._reason = f"CodeCarbon unavailable ({_short_error(exc)})"
-            self._warn(f"Energy will not be reported: {self._reason}.")
+        if rapl_root is not None and Path(rapl_root).is_dir():
+            try:
+                self._cc = _RaplPart(rapl_root)
+            except PermissionError:
+                self.rapl_note = (
+                    "RAPL counters exist but are readable by root only (run as root, or "
+                    f"`sudo chmod a+r {rapl_root}/intel-rapl:*/energy_uj`); CPU energy is estimated instead"
+                )
+                self._warn(self.rapl_note)
+            except OSError:
+                pass  # no package domain: CodeCarbon decides
+        if self._cc is None:
+            try:
+                self._cc = _CodeCarbonPart(country_iso_code)
+            except Exception as exc:  # ImportError, or anything CodeCarbon raises on this machine
+                self._reason = f"CodeCarbon unavailable ({_short_error(exc)})"
+                self._warn(f"Energy will not be reported: {self._reason}.")
         if gpu_index is not None:
             try:
                 self._gpu = _NvmlPart(gpu_index)
@@ -445,6 +594,9 @@ class EnergyMeter:
                 gpu_j = (gpu_after - gpu_before) / 1000.0
                 parts["gpu"] = MEASURED
                 details["gpu_joules"] = gpu_j
+                details["counters"] = " + ".join(
+                    x for x in (details.get("counters"), "NVML GPU energy counter") if x
+                )
                 if seconds > 0:
                     details["gpu_power_w"] = gpu_j / seconds
                 sources.append(self._gpu.description)

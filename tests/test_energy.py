@@ -276,3 +276,97 @@ def test_codecarbon_logger_is_quiet(meter):
     finally:
         cc_logger.removeHandler(recorder)
     assert [f"{r.levelname}: {r.getMessage()}" for r in records] == []
+
+
+# ------------------------------------------------------------------------ honest labels (RAPL, estimates)
+
+
+def _fake_powercap(root, package_uj: int, dram_uj: int | None = None, wrap: int = 10**12):
+    """A powercap tree laid out as the kernel's: this machine has no RAPL, so the files are written here."""
+    pkg = root / "intel-rapl:0"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "name").write_text("package-0\n")
+    (pkg / "energy_uj").write_text(f"{package_uj}\n")
+    (pkg / "max_energy_range_uj").write_text(f"{wrap}\n")
+    core = root / "intel-rapl:0:0"  # a sub-domain that must not be counted twice
+    core.mkdir(exist_ok=True)
+    (core / "name").write_text("core\n")
+    (core / "energy_uj").write_text("5\n")
+    if dram_uj is not None:
+        dram = root / "intel-rapl:0:1"
+        dram.mkdir(exist_ok=True)
+        (dram / "name").write_text("dram\n")
+        (dram / "energy_uj").write_text(f"{dram_uj}\n")
+        (dram / "max_energy_range_uj").write_text(f"{wrap}\n")
+    return root
+
+
+def test_rapl_counters_are_read_directly_and_labelled_measured(tmp_path):
+    from efficientbioai.energy import energy_basis, energy_summary
+
+    root = _fake_powercap(tmp_path / "powercap", package_uj=1_000_000, dram_uj=50_000)
+    meter = EnergyMeter(rapl_root=root)
+    with meter.measure() as m:
+        # the kernel's counters advance while the block runs: 2.5 J package, 0.25 J DRAM
+        (root / "intel-rapl:0" / "energy_uj").write_text("3500000\n")
+        (root / "intel-rapl:0:1" / "energy_uj").write_text("300000\n")
+    r = m.reading
+    assert r.method == "measured" and r.joules == pytest.approx(2.75)
+    assert r.details["cpu_joules"] == pytest.approx(2.5) and r.details["ram_joules"] == pytest.approx(0.25)
+    assert r.source.startswith("rapl counters (package-0 + dram-0")
+    assert energy_basis(r.method, r.details).startswith("measured (RAPL package-0 + dram-0, package-wide")
+    assert "estimated" not in energy_summary([r])
+    meter.close()
+
+
+def test_rapl_counter_wraparound_and_missing_dram(tmp_path):
+    root = _fake_powercap(tmp_path / "powercap", package_uj=999_000, wrap=1_000_000)
+    meter = EnergyMeter(rapl_root=root)
+    with meter.measure() as m:
+        (root / "intel-rapl:0" / "energy_uj").write_text("1000\n")  # wrapped: 1000 + 1e6 - 999000 µJ
+    assert m.reading.joules == pytest.approx(0.002)
+    assert "RAM not included" in m.reading.details["counters"]
+    meter.close()
+
+
+def test_unreadable_rapl_falls_back_to_an_estimate_and_says_how_to_fix_it(tmp_path, monkeypatch):
+    from efficientbioai import energy
+
+    root = _fake_powercap(tmp_path / "powercap", package_uj=1)
+
+    def denied(self):
+        raise PermissionError("root only")
+
+    monkeypatch.setattr(energy._RaplPart, "_read", denied)
+    with pytest.warns(RuntimeWarning, match="readable by root only"):
+        meter = EnergyMeter(rapl_root=root)
+    assert "chmod a+r" in meter.rapl_note
+    with meter.measure() as m:
+        _busy(0.1)
+    assert m.reading.method == "estimated" and m.reading.source.startswith("codecarbon ")
+    meter.close()
+
+
+def test_codecarbon_estimate_is_named_cpu_time_times_an_assumed_power(meter):
+    """On this machine (no RAPL) CodeCarbon models the CPU: every text must say so, ratios included."""
+    from efficientbioai.energy import energy_basis, energy_ratio_text, energy_summary, is_cpu_time_estimate
+
+    with meter.measure() as m:
+        _busy(0.1)
+    r = m.reading
+    if _rapl_readable():  # pragma: no cover - a machine with readable RAPL measures instead
+        pytest.skip("this machine has readable RAPL counters: covered by the RAPL tests")
+    assert r.method == "estimated" and r.details["cpu_mode"] == "cpu_load"
+    assert is_cpu_time_estimate(r.method, r.details)
+    basis = energy_basis(r.method, r.details)
+    assert basis.startswith("estimated from CPU time × an assumed power (")
+    assert f"{r.details['tdp_w']:g} W" in basis and "not measured" in basis
+    summary = energy_summary([r])
+    assert "estimated from CPU time × an assumed power" in summary and "model" in summary
+    ratio = energy_ratio_text(3.2, r.method, r.details)
+    assert ratio.startswith("uses 3.20x less energy (estimated from CPU time × an assumed power")
+    assert "not a measured saving" in ratio
+    # a measured figure (RAPL, NVML) is labelled measured and carries no such caveat
+    measured = energy_ratio_text(2.0, "measured", {"counters": "RAPL package-0, package-wide"})
+    assert measured == "uses 2.00x less energy (measured (RAPL package-0, package-wide))"
+    assert energy_basis("unavailable", {}) == "unavailable"

@@ -7,7 +7,9 @@ ONNX Runtime engines, the real CLI in subprocesses. Weights are random or briefl
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 import tifffile
 import torch
 import yaml
+from torch import nn
 
 from efficientbioai.compress import compress
 from efficientbioai.compress import prune as prune_mod
@@ -189,8 +192,17 @@ def test_config_rules_for_pruning_and_budgets():
     )
     assert c.quantize.max_drop.metric == "pearson" and c.quantize.max_drop.value == 0.01
     assert c.prune.ratios == [0.3, 0.5]
+    # a budget applies by default (Pearson drop 0.01, absolute); only an explicit null switches it off
+    d = validate_config(base).quantize.max_drop
+    assert (d.metric, d.value, d.type) == ("pearson", 0.01, "absolute")
+    assert validate_config({**base, "quantize": {"max_drop": None}}).quantize.max_drop is None
+    assert validate_config({**base, "quantize": {"strategy": "auto"}}).quantize.max_drop.value == 0.01
+    # strategy auto climbs the pruning ladder from small to large ratios; by default 0.25 then 0.5
+    auto = {**base, "quantize": {"strategy": "auto"}}
+    assert validate_config({**auto, "prune": {}}).prune.auto_ratios() == [0.25, 0.5]
+    assert validate_config({**auto, "prune": {"ratio": [0.6, 0.2]}}).prune.auto_ratios() == [0.2, 0.6]
     bad = [
-        ({"quantize": {"strategy": "auto"}}, "needs an accuracy budget"),
+        ({"quantize": {"strategy": "auto", "max_drop": None}}, "needs an accuracy budget"),
         (
             {"quantize": {"strategy": "auto", "max_drop": 0.01, "precision": "int8"}},
             "remove quantize.precision",
@@ -300,6 +312,72 @@ def test_impossible_budget_fails_clearly_and_writes_nothing(tmp_path, unet3d):
     assert proc.returncode != 0
     assert "exceeds quantize.max_drop" in proc.stderr and "Traceback" not in proc.stderr
     assert not Path(unet3d["output"]).exists() and not list(Path(unet3d["output"]).parent.glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_default_budget_refuses_an_untuned_pruned_model_and_names_the_fixes(tmp_path, unet3d):
+    # no budget in the config: the default (Pearson drop ≤ 0.01) still applies to a pruned candidate
+    cfg = {**unet3d, "prune": {"ratio": 0.5, "finetune": {"steps": 0, "val_tiles": 2}}}
+    proc = run_cli("compress", "--config", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
+    assert proc.returncode != 0, proc.stdout
+    err = proc.stderr
+    assert "Traceback" not in err and "within budget" not in proc.stdout + err
+    assert "prune 0.5 + int8" in err and "exceeds quantize.max_drop (1 − Pearson r to the original ≤ 0.01)" in err
+    drop = float(re.search(r"prune 0\.5 \+ int8: drop ([0-9.e-]+) exceeds", err).group(1))
+    assert drop > 0.01
+    for fix in ("fine-tune longer", "smaller prune.ratio", "strategy: auto", "max_drop: null"):
+        assert fix in err, fix
+    assert not Path(unet3d["output"]).exists() and not list(Path(unet3d["output"]).parent.glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_max_drop_null_writes_the_artifact_and_says_the_budget_was_off(tmp_path, unet3d):
+    cfg = {
+        **unet3d,
+        "quantize": {"max_drop": None},
+        "prune": {"ratio": 0.5, "finetune": {"steps": 0, "val_tiles": 2}},
+    }
+    proc = run_cli("compress", "--config", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "no accuracy budget is checked" in proc.stderr
+    assert "accuracy budget: OFF (quantize.max_drop: null)" in proc.stdout
+    assert "within budget" not in proc.stdout + proc.stderr
+    m = read_manifest(Path(unet3d["output"]))
+    assert m["strategy"]["budget"] is None
+    (cand,) = m["strategy"]["candidates"]
+    assert cand["status"] == "chosen" and cand["metric_drop"] is None
+    assert m["fidelity"]["pearson"] < 0.99  # the untuned pruned network really is off: nothing hid it
+
+
+def test_fine_tuning_stops_early_when_the_target_drop_is_reached_or_nothing_improves():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+    rng = np.random.default_rng(0)
+    images = [rng.normal(size=(1, 64, 64)).astype(np.float32) for _ in range(2)]
+    val = [rng.normal(size=(1, 32, 32)).astype(np.float32) for _ in range(2)]
+
+    def run(student, **kw):
+        cfg = FineTuneConfig(steps=400, lr=3e-3, batch_size=2, eval_every=10, **kw.pop("cfg", {}))
+        return fine_tune(student, teacher, images, None, val, (32, 32), cfg, task=None,
+                         postprocessing=[], halo=None, threads=1, **kw)  # fmt: skip
+
+    # a copy of the teacher already matches it: no step is spent
+    _, rep = run(copy.deepcopy(teacher), stop_at_drop=0.01)
+    assert rep.steps == 0 and "already" in rep.stopped
+    # a perturbed copy gets there after some steps, well before the cap
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    _, rep = run(student, stop_at_drop=0.01)
+    assert 0 < rep.steps < 400 and rep.val_pearson_best >= 0.99 and "≤ 0.01" in rep.stopped
+    # a network that cannot learn (frozen: lr is irrelevant, nothing changes) stops on patience
+    frozen = copy.deepcopy(student)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    frozen[0].bias.requires_grad_(True)
+    _, rep = run(frozen, cfg={"patience": 3, "min_delta": 0.5}, stop_at_drop=None)
+    assert rep.steps == 30 and "no improvement" in rep.stopped
 
 
 SEG_NET_PY = '''

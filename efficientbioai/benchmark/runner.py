@@ -43,6 +43,7 @@ from efficientbioai.benchmark.config import (
 )
 from efficientbioai.benchmark.worker import MARK, load_image
 from efficientbioai.compress.rewrite import rewrite_summary
+from efficientbioai.energy import energy_basis, is_cpu_time_estimate
 from efficientbioai.engines import default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 
@@ -734,10 +735,13 @@ def _row_report(row: Row, images: list[ImageEntry], scores: dict[str, Any]) -> d
         per_pass = [sum(x["energy"]["joules"] for x in row.runs if x["repeat"] == r) for r in repeats]
         methods = {x["energy"]["method"] for x in row.runs}
         method = "measured" if methods == {"measured"} else "estimated"
+        details = row.runs[0]["energy"].get("details") or {}
         rep["energy"] = {
             "joules_median": statistics.median(per_pass),
             "runs_j": per_pass,
             "method": method,
+            "basis": energy_basis(method, details),
+            "cpu_time_estimate": is_cpu_time_estimate(method, details),
             "source": row.runs[0]["energy"].get("source"),
         }
     else:
@@ -824,9 +828,15 @@ def build_report(
     notes = list(notes)
     energies = [r["energy"] for r in out_rows if r["energy"] and r["energy"]["joules_median"] is not None]
     if energies:
-        methods = sorted({e["method"] for e in energies})
+        bases = sorted({e.get("basis") or e["method"] for e in energies})
         sources = sorted({e["source"] for e in energies if e["source"]})
-        notes.insert(0, f"energy: {', '.join(methods)} — {'; '.join(sources)}")
+        note = f"energy: {'; '.join(bases)} — {'; '.join(sources)}"
+        if any(e.get("cpu_time_estimate") for e in energies):
+            note += (
+                ". No power counter was readable: energy ratios here are close to the ratios of CPU "
+                "times, not measured savings"
+            )
+        notes.insert(0, note)
     elif cfg.energy:
         notes.insert(0, "energy: unavailable (see each row's energy.source in report.json)")
     else:

@@ -32,6 +32,7 @@ from efficientbioai.engines import (
     OpenVINOEngine,
     TorchEngine,
     default_threads,
+    latency_basis,
     median_latency_ms,
     reference_engine,
 )
@@ -256,10 +257,17 @@ class CompressResult:
                 f"{m['engines']['primary']['threads']} threads",
             )
         ]
+        lat = m["latency"]
+        per_tile = f"per tile {tuple(lat['tile_shape'])}"
+        lines.append(
+            f"latency: {latency_basis(lat['compressed'], lat['threads'], per_tile)}; "
+            "whole-image speed: efficientbioai infer / benchmark"
+        )
         lines.append(
             f"fidelity on {fid['tiles']} held-out tiles: Pearson r {fid['pearson']:.5f}, relative L2 "
             f"{fid['relative_l2']:.4g}" + (f", mask IoU {fid['mask_iou']:.4f}" if "mask_iou" in fid else "")
         )
+        lines.append(budget_line(m))
         pt = m.get("package_test")
         if pt:
             lines.append(
@@ -446,6 +454,8 @@ class Candidate:
     steps: list[dict[str, Any]] = field(default_factory=list)
     directory: Path | None = None
     onnx_path: Path | None = None
+    ok: bool = False  # built, and within the budget and fidelity limits (or no budget was asked for)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -522,15 +532,33 @@ def _build(
 
     ratios: list[float | None] = [None]
     if cfg.prune is not None:
-        ratios = [None, *cfg.prune.ratios] if auto else [cfg.prune.ratios[0]]
+        # auto climbs the ladder from the smallest ratio; fixed builds the one ratio it was given
+        ratios = [None, *cfg.prune.auto_ratios()] if auto else [cfg.prune.ratios[0]]
     if auto:
         precisions = [("int8", False), ("int8", True), ("bf16", False), ("fp32", False)]
+    elif q.precision == "int8" and budget is not None:
+        # plain int8 first; only when it misses the budget, int8 with the sensitive layers in float
+        precisions = [("int8", False), ("int8", True)]
     else:
-        precisions = [(q.precision, q.precision == "int8" and budget is not None)]
+        precisions = [(q.precision, False)]
+    if budget is None:
+        _log(
+            "warning: quantize.max_drop is null, so no accuracy budget is checked: the result is written "
+            "whatever its accuracy (the measured figures are still reported)",
+            False,
+        )
 
     candidates: list[Candidate] = []
-    networks: dict[float | None, tuple[Any, Path, list[dict[str, Any]]]] = {}
-    for ratio in ratios:
+    for i, ratio in enumerate(ratios):
+        if ratio is not None and auto and i > 1 and not any(
+            c.ok for c in candidates if c.prune_ratio == ratios[i - 1]
+        ):
+            # removing more channels than a ratio that already missed the budget will not recover it
+            for precision, fallback in precisions:
+                c = Candidate(precision, ratio, fallback)
+                c.status = f"skipped: prune {ratios[i - 1]:g} already missed the budget"
+                candidates.append(c)
+            continue
         module, net_steps = loaded.module, []
         name = "original" if ratio is None else f"prune{ratio:g}"
         if ratio is not None:
@@ -538,15 +566,13 @@ def _build(
             module, net_steps = _prune_and_finetune(cfg, parser, loaded, data, example, ratio, threads, quiet)
         _log(f"[3/5] exporting the {'original' if ratio is None else 'pruned'} network to ONNX", quiet)
         onnx_path, export_steps = _export(module, loaded, example, tmp / "candidates" / name, cfg, threads)
-        networks[ratio] = (module, onnx_path, net_steps + export_steps)
-    _log(
-        "[4/5] building and checking "
-        + ("candidates" if len(ratios) * len(precisions) > 1 else "the engine"),
-        quiet,
-    )
-    for ratio in ratios:
-        module, onnx_path, net_steps = networks[ratio]
+        net_steps = net_steps + export_steps
         params = count_parameters(module) if module is not None else _params(loaded)
+        _log(
+            "[4/5] building and checking "
+            + ("candidates" if len(ratios) * len(precisions) > 1 else "the engine"),
+            quiet,
+        )
         for precision, fallback in precisions:
             c = Candidate(
                 precision, ratio, fallback, parameters=params, steps=list(net_steps), onnx_path=onnx_path
@@ -559,7 +585,7 @@ def _build(
                 ),
                 None,
             )
-            if auto and fallback and plain is not None and plain.status == "within budget":
+            if fallback and plain is not None and plain.ok:
                 c.status = "skipped: int8 already within budget"
                 candidates.append(c)
                 continue
@@ -568,12 +594,8 @@ def _build(
                 _build_candidate(
                     c, cfg, parser, loaded, data, ref_engine, ref_out, tgt, budget, example, threads, quiet
                 )
-            except FidelityError as exc:
-                if not auto:
-                    raise
-                c.status = f"failed: {exc.problem}"
             except EfficientBioAIError as exc:
-                if not auto:
+                if not auto and not fallback:
                     raise
                 c.status = f"failed: {getattr(exc, 'problem', exc)}"
             candidates.append(c)
@@ -586,15 +608,9 @@ def _build(
                 )
             else:
                 _log(f"      {c.name:<28} {c.status}", quiet)
-    ok = [c for c in candidates if c.status == "within budget"]
+    ok = [c for c in candidates if c.ok]
     if not ok:
-        tried = "; ".join(f"{c.name}: {c.status}" for c in candidates)
-        limit = budget.describe() if budget is not None else "the fidelity limits"
-        raise FidelityError(
-            f"no candidate keeps {limit} on the held-out tiles ({tried})",
-            "relax quantize.max_drop / the fidelity limits, use a smaller prune.ratio or more fine-tuning "
-            "steps, try quantize.preset: mixed, or more calibration tiles",
-        )
+        raise FidelityError(_over_budget_problem(candidates, budget), _over_budget_fixes(cfg, candidates))
     chosen = min(ok, key=lambda c: c.latency["median_ms"])
     chosen.status = "chosen"
 
@@ -690,6 +706,10 @@ def _prune_and_finetune(
             f"prune.finetune.tile_shape: {list(ft_tile)} is not a shape this network accepts",
             f"use one like calibration.tile_shape {list(data.tile_shape)}",
         )
+    stop_at = pc.finetune.stop_at_drop
+    md = cfg.quantize.max_drop
+    if stop_at is None and md is not None and md.metric == "pearson":
+        stop_at = md.value / 2  # the other half of the budget is left to quantization
     images = [pad_to(im, ft_tile) for im in data.images]
     targets = [pad_to(np.asarray(t, np.float32), ft_tile) for t in data.targets] if data.targets else None
     module, ft = fine_tune(
@@ -705,12 +725,14 @@ def _prune_and_finetune(
         halo=loaded.halo,
         threads=threads,
         seed=cfg.calibration.seed,
+        stop_at_drop=stop_at,
         quiet=quiet,
     )
     if ft.steps:
         _log(
             f"      fine-tuned {ft.steps} steps ({ft.mode}): validation Pearson r to the original "
-            f"{ft.val_pearson_before:.4f} → {ft.val_pearson_best:.4f} (best at step {ft.best_step})",
+            f"{ft.val_pearson_before:.4f} → {ft.val_pearson_best:.4f} (best at step {ft.best_step}; "
+            f"{ft.stopped})",
             quiet,
         )
     # a user's parser may adapt the pruned network too (BaseParser.fine_tune)
@@ -776,16 +798,49 @@ def _build_candidate(
         c.drop = budget.drop(c.fidelity)
         if not budget.holds(c.fidelity):
             problems.append(f"drop {c.drop:.4g} exceeds quantize.max_drop ({budget.describe()})")
+    c.problems = problems
+    c.ok = not problems
     if problems:
         c.status = "over budget: " + "; ".join(problems)
-        if q.strategy != "auto":
-            raise FidelityError(
-                "the compressed model is further from the original than allowed: " + "; ".join(problems),
-                "try quantize.preset: mixed, keep sensitive layers in float (quantize.keep_float), more "
-                "calibration tiles, precision bf16, or quantize.strategy: auto; or relax the limit",
-            )
-    else:
+    elif budget is not None:
         c.status = "within budget"
+    else:
+        # "within budget" is said only where a budget was checked
+        c.status = "accepted: no budget (max_drop: null)"
+
+
+def _over_budget_problem(candidates: list[Candidate], budget: _Budget | None) -> str:
+    """What was measured against which limit, for every candidate that was built or failed."""
+    limit = f"the accuracy budget ({budget.describe()})" if budget is not None else "the fidelity limits"
+    tried = []
+    for c in candidates:
+        if c.status.startswith("skipped"):
+            continue
+        if c.problems:
+            tried.append(f"{c.name}: " + "; ".join(c.problems))
+        else:
+            tried.append(f"{c.name}: {c.status}")
+    return f"no compressed model stays within {limit} on the held-out tiles — " + " | ".join(tried)
+
+
+def _over_budget_fixes(cfg: CompressConfig, candidates: list[Candidate]) -> str:
+    fixes = []
+    if any(c.prune_ratio is not None for c in candidates):
+        fixes.append(
+            "fine-tune longer (prune.finetune.steps, patience) or prune less (a smaller prune.ratio)"
+        )
+    if cfg.quantize.strategy != "auto":
+        fixes.append("let quantize.strategy: auto try other precisions (bf16, fp32, int8 with float layers)")
+    if any(c.precision == "int8" for c in candidates):
+        fixes.append("try quantize.preset: mixed or more calibration tiles")
+    if cfg.quantize.max_drop is not None:
+        fixes.append(
+            "or accept the loss explicitly: a larger quantize.max_drop, or max_drop: null (no budget: "
+            "the model is written whatever its accuracy)"
+        )
+    else:
+        fixes.append("or relax the fidelity.* limits")
+    return "; ".join(fixes)
 
 
 def _accuracy_controlled(
@@ -890,6 +945,24 @@ def _rows(m: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def budget_line(m: dict[str, Any]) -> str:
+    """Whether an accuracy budget was checked, and how the chosen model did against it."""
+    strat = m.get("strategy") or {}
+    budget = strat.get("budget")
+    if not budget:
+        return (
+            "accuracy budget: OFF (quantize.max_drop: null) — this model was written without checking "
+            "its accuracy against any budget; judge the figures above yourself"
+        )
+    chosen = next((c for c in strat.get("candidates", []) if c.get("status") == "chosen"), {})
+    drop = chosen.get("metric_drop")
+    what = "Pearson r to the original" if budget["metric"] == "pearson" else "task metric"
+    return (
+        f"accuracy budget: {what} may drop by ≤ {budget['value']:g} ({budget['type']}) on the held-out "
+        f"tiles: within budget" + (f" (drop {drop:.4g})" if drop is not None else "")
+    )
+
+
 def candidates_table(m: dict[str, Any]) -> str:
     """What ``quantize.strategy: auto`` tried, as a table (from the manifest)."""
     strat = m["strategy"]
@@ -910,9 +983,13 @@ def candidates_table(m: dict[str, Any]) -> str:
             ]
         )
     budget = strat.get("budget") or {}
+    lat = m["latency"]
+    per_tile = f"per tile {tuple(lat['tile_shape'])}"
     title = (
-        f"strategy auto: budget {budget.get('metric')} drop ≤ {budget.get('value')} ({budget.get('type')}); "
-        f"PyTorch fp32 eager {ref:.1f} ms/tile; chosen: {strat['chosen']}"
+        f"strategy {strat.get('mode', 'auto')}: budget {budget.get('metric')} drop ≤ {budget.get('value')} "
+        f"({budget.get('type')}); chosen: {strat['chosen']}\nspeed-up against PyTorch fp32 eager "
+        f"({ref:.1f} ms/tile); latency "
+        f"{latency_basis(lat['original'], lat['threads'], per_tile)}"
     )
     return table(
         ["candidate", "latency/tile", "speed-up", "params", "size", "Pearson r", "drop", "status"],

@@ -277,6 +277,7 @@ class FineTuneReport:
     val_pearson_before: float
     val_pearson_best: float
     history: list[tuple[int, float]] = field(default_factory=list)
+    stopped: str = ""  # why training ended: target reached, no improvement, or the step cap
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -284,11 +285,16 @@ class FineTuneReport:
             "mode": self.mode,
             "steps": self.steps,
             "best_step": self.best_step,
+            "stopped": self.stopped,
             "validation_pearson_to_original": {
                 "before": self.val_pearson_before,
                 "best": self.val_pearson_best,
             },
         }
+
+
+DEFAULT_EVAL_EVERY = 50
+"""Validation interval of fine-tuning when ``eval_every`` is not given (or steps / 10 when smaller)."""
 
 
 def _random_crops(rng, images, targets, tile, n):
@@ -342,6 +348,7 @@ def fine_tune(
     halo: list[int] | None,
     threads: int,
     seed: int = 0,
+    stop_at_drop: float | None = None,
     quiet: bool = False,
 ):
     """Train ``student`` (the pruned network) on random tiles of the preprocessed ``images``.
@@ -349,6 +356,8 @@ def fine_tune(
     Supervised against ``targets`` with the task's loss, or by distillation (mean squared error to the
     ``teacher``'s raw output). Every ``eval_every`` steps the student is scored by Pearson r against the
     teacher on ``val_tiles`` (tiles apart from the fidelity check's); the best state is kept and returned.
+    Training stops at ``cfg.steps``, or earlier: once 1 − r ≤ ``stop_at_drop``, or after ``cfg.patience``
+    validations in a row without a rise of ``cfg.min_delta``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -392,8 +401,15 @@ def fine_tune(
     best_step = 0
     history = [(0, best)]
     if cfg.steps == 0:
-        return student, FineTuneReport(mode, 0, 0, before, best, history)
-    every = cfg.eval_every or max(1, cfg.steps // 10)
+        return student, FineTuneReport(mode, 0, 0, before, best, history, "no fine-tuning (steps: 0)")
+    if stop_at_drop is not None and 1 - best <= stop_at_drop:
+        return student.eval(), FineTuneReport(
+            mode, 0, 0, before, best, history, f"validation drop already ≤ {stop_at_drop:g}"
+        )
+    every = cfg.eval_every or max(1, min(DEFAULT_EVAL_EVERY, cfg.steps // 10))
+    stale = 0  # validations in a row without improvement
+    stopped = f"step cap ({cfg.steps})"
+    last = cfg.steps
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     bar = tqdm(
@@ -419,10 +435,21 @@ def fine_tune(
         if step % every == 0 or step == cfg.steps:
             r = score(student)
             history.append((step, r))
+            stale = 0 if r > best + cfg.min_delta else stale + 1
             if r > best:
                 best, best_step = r, step
                 best_state = copy.deepcopy(student.state_dict())
             bar.set_postfix(loss=f"{loss.item():.4g}", val_r=f"{r:.4f}", best=f"{best:.4f}")
+            if stop_at_drop is not None and 1 - best <= stop_at_drop:
+                stopped, last = f"validation drop {1 - best:.4g} ≤ {stop_at_drop:g} at step {step}", step
+                break
+            if cfg.patience is not None and stale >= cfg.patience:
+                stopped = (
+                    f"no improvement ≥ {cfg.min_delta:g} in {cfg.patience} validations (every {every} "
+                    f"steps), stopped at step {step}"
+                )
+                last = step
+                break
     bar.close()
     student.load_state_dict(best_state)
-    return student.eval(), FineTuneReport(mode, cfg.steps, best_step, before, best, history)
+    return student.eval(), FineTuneReport(mode, last, best_step, before, best, history, stopped)

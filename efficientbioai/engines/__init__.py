@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from efficientbioai.engines.base import Engine, default_threads, median_latency_ms
+from efficientbioai.engines.base import Engine, default_threads, latency_basis, median_latency_ms
 from efficientbioai.engines.onnxruntime import OnnxRuntimeEngine
 from efficientbioai.engines.openvino import OpenVINOEngine
 from efficientbioai.engines.pytorch import TorchEngine
@@ -21,6 +21,7 @@ __all__ = [
     "OpenVINOEngine",
     "TorchEngine",
     "default_threads",
+    "latency_basis",
     "median_latency_ms",
     "reference_engine",
 ]

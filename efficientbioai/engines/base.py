@@ -85,4 +85,13 @@ def median_latency_ms(fn, x: np.ndarray, *, warmup: int = 2, repeats: int = 10) 
         "min_ms": min(times),
         "max_ms": max(times),
         "repeats": repeats,
+        "warmup": warmup,
     }
+
+
+def latency_basis(latency: dict[str, Any], threads: int, what: str = "per tile") -> str:
+    """What a latency figure (from :func:`median_latency_ms`) compares, in words, for every speed-up printed."""
+    repeats = latency.get("repeats")
+    warmup = latency.get("warmup", 2)
+    runs = f"median of {repeats} runs after {warmup} warm-up" if repeats else "median after warm-up"
+    return f"{what}, network only (no pre/post-processing), {runs}, {threads} thread{'s' if threads != 1 else ''}"

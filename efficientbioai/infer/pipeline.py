@@ -11,7 +11,13 @@ import numpy as np
 
 from efficientbioai import metrics
 from efficientbioai.config import InferConfig, ModelConfig
-from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
+from efficientbioai.energy import (
+    EnergyMeter,
+    EnergyReading,
+    energy_ratio_text,
+    energy_summary,
+    format_energy,
+)
 from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.predict import Prediction, Predictor
@@ -250,17 +256,24 @@ class InferResult:
         return "\n".join(out)
 
     def speedup(self) -> str | None:
-        """'x× faster, y× less energy' when the original ran beside the engine."""
+        """'x× faster (what was compared), y× less energy (how it was obtained)' when the original ran too."""
         pairs = [(im.runs[0], im.runs[1]) for im in self.images if len(im.runs) == 2 and im.runs[0].seconds]
         if not pairs:
             return None
         eng = sum(a.seconds for a, _ in pairs)
         orig = sum(b.seconds for _, b in pairs)
-        text = f"{pairs[0][0].engine} is {orig / eng:.2f}x faster than {pairs[0][1].engine}"
+        n = len(pairs)
+        text = (
+            f"{pairs[0][0].engine} is {orig / eng:.2f}x faster than {pairs[0][1].engine} "
+            f"(whole image{'s' if n > 1 else ''}: tiles read to stitched output, pre/post-processing "
+            f"included; {self.threads} thread{'s' if self.threads != 1 else ''}; after one untimed warm-up; "
+            f"one timed run per image, not a median)"
+        )
         ej = [a.energy.joules for a, _ in pairs if a.energy and a.energy.joules]
         oj = [b.energy.joules for _, b in pairs if b.energy and b.energy.joules]
         if len(ej) == len(oj) == len(pairs):
-            text += f" and uses {sum(oj) / sum(ej):.2f}x less energy ({pairs[0][0].energy.method})"
+            e = pairs[0][0].energy
+            text += " and " + energy_ratio_text(sum(oj) / sum(ej), e.method, e.details)
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -314,13 +327,8 @@ def output_paths(cfg: InferConfig, files: list[Path]) -> list[Path]:
 
 
 def energy_note(readings: list[EnergyReading | None]) -> str | None:
-    """'energy: <methods> — <sources>' for the readings that measured something."""
-    measured = [e for e in readings if e is not None and e.joules is not None]
-    if not measured:
-        return None
-    methods = sorted({e.method for e in measured})
-    sources = sorted({e.source for e in measured if e.source})
-    return f"energy: {', '.join(methods)} — {'; '.join(sources)}"
+    """'energy: <how it was obtained> — <sources>' for the readings that have a figure."""
+    return energy_summary(readings)
 
 
 def _predictor(cfg: InferConfig, manifest: dict[str, Any], engine: Engine) -> Predictor:
