@@ -435,7 +435,9 @@ def test_pruned_int8_artifact_runs_in_infer_without_the_original_class(tmp_path,
             "num_tiles": 8,
             "tile_shape": [48, 48],
         },  # fmt: skip
-        "quantize": {"precision": "int8"},
+        # 10 fine-tuning steps on a random network miss the default budget: this test is about loading a
+        # pruned artifact, so the budget is switched off explicitly (the budget has its own tests)
+        "quantize": {"precision": "int8", "max_drop": None},
         "prune": {"ratio": 0.5, "finetune": {"steps": 10, "val_tiles": 2}},
         "fidelity": {"num_tiles": 4, "task": "semantic"},
         "engine": {"latency_repeats": 2},

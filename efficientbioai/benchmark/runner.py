@@ -841,6 +841,12 @@ def build_report(
         notes.insert(0, "energy: unavailable (see each row's energy.source in report.json)")
     else:
         notes.insert(0, "energy: not measured (energy: false in the config)")
+    unbudgeted = [r.id for r in ok if not ((r.manifest or {}).get("strategy") or {}).get("budget")]
+    if unbudgeted:
+        notes.append(
+            f"{', '.join(unbudgeted)}: compressed with quantize.max_drop: null, so no accuracy budget was "
+            "checked; judge its agreement with the original above"
+        )
     mem = next((r["memory"]["method"] for r in out_rows if r["memory"] and r["memory"]["method"]), None)
     if mem:
         notes.append(
