@@ -173,15 +173,20 @@ def energy_basis(method: str | None, details: dict[str, Any] | None) -> str:
     cpu_mode = details.get("cpu_mode")
     if cpu_mode in _MEASURED_CPU_MODES:
         return "estimated (CPU from a hardware counter, RAM from CodeCarbon's power model)"
+    if not is_cpu_time_estimate(method, details):
+        return "estimated (a model, not a measurement)"
     tdp = details.get("tdp_w")
     power = f"{tdp:g} W, CodeCarbon's figure for this CPU model, not measured" if tdp is not None else None
     return f"{CPU_TIME_ESTIMATE}" + (f" ({power})" if power else "") + " + a RAM power model"
 
 
 def is_cpu_time_estimate(method: str | None, details: dict[str, Any] | None) -> bool:
-    """True when the figure is CPU time × an assumed power (so its ratios restate CPU-time ratios)."""
+    """True when the figure is CPU time × an assumed power (so its ratios restate CPU-time ratios).
+
+    That is CodeCarbon's ``cpu_load`` mode (in process tracking: the process's CPU time × TDP / cores).
+    """
     details = details or {}
-    return method == ESTIMATED and details.get("cpu_mode") not in _MEASURED_CPU_MODES
+    return method == ESTIMATED and details.get("cpu_mode") == "cpu_load"
 
 
 def energy_ratio_text(ratio: float, method: str | None, details: dict[str, Any] | None) -> str:
@@ -205,7 +210,7 @@ def energy_summary(readings: list[EnergyReading | None]) -> str | None:
     text = f"energy: {'; '.join(bases)} — {'; '.join(sources)}"
     if any(is_cpu_time_estimate(e.method, e.details) for e in have):
         text += (
-            ". No power counter is readable on this machine (no RAPL under /sys/class/powercap): these "
+            ". No power counter was read (RAPL under /sys/class/powercap absent or not readable): these "
             "joules are a model; compare them only within this report"
         )
     return text

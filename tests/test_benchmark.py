@@ -69,6 +69,9 @@ def _config(root: Path) -> dict:
         "compress": {
             "calibration": {"num_tiles": 8, "tile_shape": [16, 32, 32]},
             "fidelity": {"num_tiles": 2},
+            # a network trained 10 steps misses the default accuracy budget at int8: this test is about
+            # the benchmark's machinery, so the budget is off (and the report must say so)
+            "quantize": {"max_drop": None},
         },
         "variants": variants,
         "tiling": {"tile_shape": [16, 32, 32]},
@@ -105,6 +108,7 @@ def test_report_holds_every_requested_row(run):
     strict = report["rows"][1 + len(VARIANTS)]
     assert strict["status"] == "failed" and "max_relative_l2" in strict["error"] and strict["latency"] is None
     assert any(n.startswith("strict: failed") for n in report["notes"])
+    assert any("compressed with quantize.max_drop: null" in n for n in report["notes"])
     assert not (out / "artifacts" / "strict").exists()
     if gpu:
         assert "original@gpu" in ids

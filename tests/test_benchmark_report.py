@@ -37,7 +37,12 @@ def _runs(seconds: list[float], joules: float | None = 1.0, peak=500e6) -> list[
             "gpu_peak_bytes": None,
             "energy": None
             if joules is None
-            else {"joules": joules * s, "method": "estimated", "source": "codecarbon test", "details": {}},
+            else {
+                "joules": joules * s,
+                "method": "estimated",
+                "source": "codecarbon test",
+                "details": {"cpu_mode": "cpu_load", "tdp_w": 8.0},  # what CodeCarbon does on this machine
+            },
         }
         for k, s in enumerate(seconds)
     ]
@@ -162,7 +167,10 @@ def test_statistics_and_ratios(report):
     assert rows["bad"]["status"] == "failed" and rows["bad"]["latency"] is None
     assert rows["int8"]["metrics"]["mean"]["iou"] is None  # NaN is not JSON: null
     assert report["primary_metric"] == "dice"
-    assert any(n.startswith("energy: estimated") for n in report["notes"])
+    energy_note = next(n for n in report["notes"] if n.startswith("energy: "))
+    assert energy_note.startswith("energy: estimated from CPU time × an assumed power (8 W")
+    assert "ratios here are close to the ratios of CPU times, not measured savings" in energy_note
+    assert rows["int8"]["energy"]["cpu_time_estimate"] is True
     assert any("bad: failed" in n for n in report["notes"])
 
 
@@ -179,7 +187,8 @@ def test_markdown_report(report):
     assert "2.00× larger" in md and "4.00× smaller" in md  # fp32 engine file vs original weights
     assert "| bad | cpu | failed |" in md
     assert (
-        "int8: 4.17× faster, 2.08× faster than fp32, 8.33× less energy (estimated), 4.00× smaller, "
+        "int8: 4.17× faster, 2.08× faster than fp32, 8.33× less energy (estimated from CPU time × an "
+        "assumed power, not measured), 4.00× smaller, "
         "Dice 0.8900 (original 0.9000, -0.0100)" in md
     )
     assert "TinyNet · task semantic · 1 image(s) (100 × 200)" in md

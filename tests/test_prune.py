@@ -366,9 +366,10 @@ def test_fine_tuning_stops_early_when_the_target_drop_is_reached_or_nothing_impr
     assert rep.steps == 0 and "already" in rep.stopped
     # a perturbed copy gets there after some steps, well before the cap
     student = copy.deepcopy(teacher)
+    torch.manual_seed(1)
     with torch.no_grad():
         for p in student.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn_like(p))  # validation r ≈ 0.74 to the teacher before training
     _, rep = run(student, stop_at_drop=0.01)
     assert 0 < rep.steps < 400 and rep.val_pearson_best >= 0.99 and "≤ 0.01" in rep.stopped
     # a network that cannot learn (frozen: lr is irrelevant, nothing changes) stops on patience
@@ -502,7 +503,7 @@ def test_bioimageio_state_dict_package_is_pruned_from_its_pytorch_weights(tmp_pa
     cfg = {
         "model": {"kind": "bioimageio", "path": str(tmp_path)},
         "calibration": {"images": str(imgs / "*.tif"), "num_tiles": 6, "tile_shape": [48, 48]},
-        "quantize": {"precision": "int8"},
+        "quantize": {"precision": "int8", "max_drop": None},  # about loading; 4 steps miss any budget
         "prune": {"ratio": 0.5, "finetune": {"steps": 4, "val_tiles": 2}},
         "fidelity": {"num_tiles": 3},
         "engine": {"latency_repeats": 2},

@@ -246,7 +246,8 @@ class CompressResult:
         fid = m["fidelity"]
         lines = []
         strat = m.get("strategy") or {}
-        if len(strat.get("candidates", [])) > 1:
+        built = [c for c in strat.get("candidates", []) if not c["status"].startswith("skipped")]
+        if len(built) > 1:  # what was tried and why the chosen one won
             lines.append(candidates_table(m))
         lines += [
             table(
