@@ -394,6 +394,8 @@ def signed_int8(model) -> int:
         s.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(s) * (255.0 / 127.0), scale_name))
         z = inits[zp_name]
         z.CopyFrom(numpy_helper.from_array(np.zeros(numpy_helper.to_array(z).shape, np.int8), zp_name))
+    if changed:  # the recorded uint8 types of the quantized tensors are stale
+        del model.graph.value_info[:]
     return len(changed)
 
 
