@@ -526,3 +526,144 @@ def prepare_onnx(
             step["fp8"] = "E4M3, int8 clipping ranges kept (scale × 127 / 448), opset 19"
     onnx.save(model, str(path))
     return path, step
+
+
+# ------------------------------------------------------------------------ the artifact's tensorrt/
+
+
+def gpu_status() -> tuple[bool, str]:
+    """(whether a TensorRT engine can be built here, why not)."""
+    from efficientbioai.engines.cuda import cuda_available
+
+    if not cuda_available():
+        return False, "this machine has no NVIDIA GPU usable by PyTorch (torch.cuda.is_available() is False)"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "the tensorrt package is not installed (pip install 'efficientbioai[gpu]')"
+    return True, ""
+
+
+def build_target(
+    cfg,
+    artifact: Path,
+    chosen_precision: str,
+    calibration_tiles: list[np.ndarray],
+    holdout_tiles: list[np.ndarray],
+    reference: np.ndarray,
+    run_tiles,
+    fidelity,
+    threads: int,
+    quiet: bool = True,
+    log=None,
+    tile_min: Sequence[int] | None = None,
+    tile_step: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Write ``tensorrt/`` into the artifact being built; return the manifest's ``engines.tensorrt``.
+
+    ``run_tiles(engine, tiles)`` gives postprocessed, halo-cropped outputs and ``fidelity(out)`` the
+    fidelity figures against ``reference`` (the original's outputs on ``holdout_tiles``). The graph is
+    checked on the CPU with ONNX Runtime (every precision but bf16); with a GPU and TensorRT here the
+    plan is built and checked too, otherwise the entry records that it is built on first use.
+    """
+    from efficientbioai.engines import OnnxRuntimeEngine
+
+    tc = cfg.export.tensorrt
+    precision = tc.precision or chosen_precision
+    log = log or (lambda msg: None)
+    log(f"      tensorrt: preparing the {precision} ONNX graph")
+    q = cfg.quantize
+    onnx_path, step = prepare_onnx(
+        artifact / "model.onnx",
+        precision,
+        artifact / "tensorrt",
+        calibration_tiles if precision in ("int8", "fp8") else None,
+        per_channel=q.per_channel,
+        fast_bias_correction=q.fast_bias_correction,
+        ignored=q.keep_float,
+        quiet=quiet,
+    )
+    rel = str(onnx_path.relative_to(artifact))
+    entry: dict[str, Any] = {
+        "backend": "tensorrt",
+        "precision": precision,
+        "onnx": rel,
+        "plan": None,
+        "built_for": None,
+        "batch_size": tc.batch_size,
+        "max_batch_size": tc.max_batch_size,
+        "preparation": step,
+    }
+    if precision == "bf16":
+        entry["cpu_check"] = {
+            "status": "not run: ONNX Runtime has no bf16 convolutions on the CPU (graph validated by the ONNX "
+            "checker only)"
+        }
+    else:
+        with OnnxRuntimeEngine(onnx_path, threads) as ort_engine:
+            out = run_tiles(ort_engine, holdout_tiles)
+        fig = fidelity(out)
+        entry["cpu_check"] = {
+            "runtime": "onnxruntime CPU (the same graph TensorRT builds from)",
+            "tiles": len(holdout_tiles),
+            "pearson": fig["pearson"],
+            "relative_l2": fig["relative_l2"],
+        }
+        log(f"      tensorrt {precision} graph on the CPU: Pearson r {fig['pearson']:.5f} to the original")
+    ok, why = gpu_status()
+    if not ok:
+        entry["plan_status"] = f"built on first use on a GPU machine ({why})"
+        log(f"      tensorrt: no engine built here: {why}; `infer` builds it on the GPU machine")
+        return entry
+    channels = int(holdout_tiles[0].shape[0])
+    tile = tuple(int(s) for s in holdout_tiles[0].shape[1:])
+    entry["profile"] = {
+        k: list(v)
+        for k, v in profile_shapes(
+            tile, channels, tile_min, tile_step, tc.batch_size, tc.max_batch_size
+        ).items()
+    }
+    return entry | _build_here(
+        artifact, onnx_path, entry, precision, holdout_tiles, run_tiles, fidelity, quiet, log
+    )
+
+
+def _build_here(artifact, onnx_path, entry, precision, holdout_tiles, run_tiles, fidelity, quiet, log):
+    """Build and check the plan on this machine's GPU (index 0)."""
+    import time
+
+    from efficientbioai.engines.cuda import gpu_description
+    from efficientbioai.engines.tensorrt import (
+        TensorRTEngine,
+        build_plan,
+        check_precision_supported,
+        plan_key,
+        tensorrt_version,
+    )
+
+    gpu = gpu_description(0)
+    check_precision_supported(precision, gpu)
+    version = tensorrt_version() or "unknown"
+    log(f"      tensorrt: building the engine on {gpu['name']} (TensorRT {version})")
+    t0 = time.perf_counter()
+    profile = {k: tuple(v) for k, v in entry["profile"].items()}
+    plan = build_plan(onnx_path, profile, quiet=quiet)
+    seconds = time.perf_counter() - t0
+    (artifact / "tensorrt" / "model.plan").write_bytes(plan)
+    with TensorRTEngine(plan, precision) as engine:
+        fig = fidelity(run_tiles(engine, holdout_tiles))
+    return {
+        "plan": "tensorrt/model.plan",
+        "built_for": {
+            "gpu": gpu["name"],
+            "compute_capability": gpu["compute_capability"],
+            "tensorrt": version,
+            "key": plan_key(gpu, version),
+            "build_seconds": seconds,
+        },
+        "gpu_check": {
+            "tiles": len(holdout_tiles),
+            "pearson": fig["pearson"],
+            "relative_l2": fig["relative_l2"],
+        },
+    }
