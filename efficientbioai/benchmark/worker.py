@@ -175,6 +175,7 @@ def serve(spec: dict[str, Any]) -> None:
 
     from efficientbioai.config import InferConfig
     from efficientbioai.energy import EnergyMeter
+    from efficientbioai.infer.gpu import nvml_index
     from efficientbioai.infer.pipeline import _predictor
 
     t_start = time.perf_counter()
@@ -200,11 +201,7 @@ def serve(spec: dict[str, Any]) -> None:
     images = [load_image(e, model_axes) for e in spec["images"]]
     cuda = spec["device"] == "gpu"
     sync = getattr(engine, "synchronize", None) or (lambda: None)
-    gpu_index = spec.get("gpu_index") if cuda else None
-    if gpu_index is not None and os.environ.get("CUDA_VISIBLE_DEVICES"):
-        # NVML counts every GPU of the machine; CUDA only the visible ones, in the listed order
-        with contextlib.suppress(ValueError, IndexError):
-            gpu_index = int(os.environ["CUDA_VISIBLE_DEVICES"].split(",")[gpu_index])
+    gpu_index = nvml_index(int(spec.get("gpu_index", 0))) if cuda else None
     meter = EnergyMeter(enabled=bool(spec["energy"]), gpu_index=gpu_index)
     outputs = Path(spec["outputs"])
     outputs.mkdir(parents=True, exist_ok=True)
