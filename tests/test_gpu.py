@@ -215,7 +215,9 @@ def test_plan_key_and_precision_support():
 # --------------------------------------------------------------------------------- config wiring
 
 
-def _compress_cfg(tmp_path: Path, images: Path, **export) -> CompressConfig:
+def _compress_cfg(
+    tmp_path: Path, images: Path, targets=("openvino", "tensorrt"), precision="int8", **export
+) -> CompressConfig:
     ckpt = tmp_path / "unet3d.pt"
     torch.save(tiny_unet(3).state_dict(), ckpt)
     return validate_config(
@@ -230,7 +232,8 @@ def _compress_cfg(tmp_path: Path, images: Path, **export) -> CompressConfig:
             "calibration": {"images": str(images), "num_tiles": 6, "tile_shape": [16, 32, 32]},
             "fidelity": {"num_tiles": 2},
             "engine": {"latency_repeats": 1, "threads": 1},
-            "export": {"targets": ["openvino", "tensorrt"], **export},
+            "quantize": {"precision": precision},
+            "export": {"targets": list(targets), **export},
             "output": str(tmp_path / "artifact"),
         }
     )
@@ -252,13 +255,13 @@ def test_config_accepts_gpu_targets_and_backends(tmp_path, images3d):
 
 @pytest.fixture(scope="module")
 def trt_artifact(tmp_path_factory) -> Path:
-    """compress with export.targets [openvino, tensorrt] and an int8 TensorRT graph (on this machine)."""
+    """compress with export.targets [onnx, tensorrt] and an int8 TensorRT graph (on this machine)."""
     root = tmp_path_factory.mktemp("trt_artifact")
     (root / "calib").mkdir()
     for i in range(2):
         tifffile.imwrite(root / "calib" / f"v{i}.tif", blobs((24, 64, 64), n=8, seed=i)[0])
-    cfg = _compress_cfg(root, root / "calib", tensorrt={"precision": "int8"})
-    cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"precision": "bf16"})})
+    # fp32 ONNX Runtime as the CPU engine: no OpenVINO needed, so this also runs on GPU images without it
+    cfg = _compress_cfg(root, root / "calib", ("onnx", "tensorrt"), "fp32", tensorrt={"precision": "int8"})
     compress(cfg, quiet=True)
     return root / "artifact"
 
@@ -277,7 +280,7 @@ def test_compress_writes_tensorrt_graph_and_records_it(trt_artifact):
         assert t["plan_status"].startswith("built on first use on a GPU machine")
     else:  # pragma: no cover - GPU machines
         assert (t["plan"] is not None) == HAS_TRT
-    assert m["engines"]["primary"]["backend"] == "openvino"  # the CPU engine stays the default
+    assert m["engines"]["primary"]["backend"] == "onnxruntime"  # the CPU engine stays the primary one
 
 
 @no_gpu_here
@@ -303,15 +306,15 @@ def test_infer_default_backend_without_gpu_is_the_cpu_engine(trt_artifact, tmp_p
     from efficientbioai.manifest import read_manifest
 
     backend, why = choose_backend(read_manifest(trt_artifact), None)
-    assert backend == "openvino" and "no NVIDIA GPU" in why
+    assert backend == "onnxruntime" and "no NVIDIA GPU" in why
     img = tmp_path / "vol.tif"
     tifffile.imwrite(img, blobs((24, 64, 64), seed=5)[0])
     cfg = InferConfig.model_validate(
         {"model": str(trt_artifact), "input": str(img), "output": str(tmp_path / "out"), "energy": False}
     )
     res = infer(cfg)
-    assert "openvino (no NVIDIA GPU here" in capsys.readouterr().err  # infer says what it picked
-    assert res.images[0].runs[0].engine.startswith("openvino")
+    assert "onnxruntime (no NVIDIA GPU here" in capsys.readouterr().err  # infer says what it picked
+    assert res.images[0].runs[0].engine == "onnxruntime fp32"
 
 
 def test_onnxruntime_gpu_providers_missing_is_a_clear_error():
