@@ -161,8 +161,12 @@ class TorchCudaEngine(CudaEngine):
             # channels_last is (N, ..., C) in memory: the layout cuDNN's tensor-core kernels prefer
             self._format = {4: torch.channels_last, 5: torch.channels_last_3d}
             first = next((p for p in self.module.parameters() if p.dim() in (4, 5)), None)
-            if first is not None:
-                self.module = self.module.to(memory_format=self._format[first.dim()])
+            try:
+                if first is not None:
+                    self.module = self.module.to(memory_format=self._format[first.dim()])
+            except RuntimeError:  # 2D and 3D weights mixed: leave the layout alone
+                self._format = None
+                self.channels_last = False
         self.threads = torch.get_num_threads()
         self.label = f"torch cuda {precision}" + (" autocast" if self.dtype is not None else "")
 

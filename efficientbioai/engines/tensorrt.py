@@ -168,11 +168,9 @@ def load_plan(
     recorded = entry.get("plan")
     built_for = entry.get("built_for") or {}
     stored_profile = {k: tuple(v) for k, v in (entry.get("profile") or {}).items()}
-    covers = (
-        bool(stored_profile)
-        and profile_covers(stored_profile, profile["opt"])
-        and profile_covers(stored_profile, profile["max"])
-    )
+    # the tiles infer sends: (batch_size, C, *tile), and single tiles (the background value)
+    needed = (profile["opt"], (1, *profile["opt"][1:]))
+    covers = bool(stored_profile) and all(profile_covers(stored_profile, n) for n in needed)
     if recorded and built_for.get("key") == key and covers and (directory / recorded).is_file():
         return (directory / recorded).read_bytes(), {"plan": recorded, "source": "artifact", "key": key}
     cache = directory / "tensorrt" / "plans" / f"{key}-{'x'.join(map(str, profile['max']))}.plan"
