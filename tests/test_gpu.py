@@ -212,6 +212,64 @@ def test_plan_key_and_precision_support():
         check_precision_supported("bf16", rtx4000)
 
 
+def test_plan_reuse_rebuild_and_cache(tmp_path, monkeypatch, capsys):
+    """Which plan infer uses. Stand-ins (no GPU / TensorRT on the machines CI runs on): the GPU query,
+    the TensorRT version and the builder are replaced; the decision logic and the files are real."""
+    import efficientbioai.engines.tensorrt as trt_mod
+
+    builds = []
+    monkeypatch.setattr(trt_mod, "require_cuda", lambda *a, **k: None)
+    monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(
+        trt_mod, "gpu_description", lambda index=0: {"name": "NVIDIA H200", "compute_capability": "9.0"}
+    )
+    monkeypatch.setattr(trt_mod, "tensorrt_version", lambda: "11.4.0.106")
+    monkeypatch.setattr(
+        trt_mod, "build_plan", lambda path, profile, **k: builds.append((path.name, profile)) or b"new"
+    )
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "model.int8.onnx").write_bytes(b"onnx")
+    (tmp_path / "tensorrt" / "model.plan").write_bytes(b"old")
+    profile = profile_shapes((32, 64, 64), 1, batch_size=2, max_batch_size=8)
+    here = trt_mod.plan_key({"name": "NVIDIA H200", "compute_capability": "9.0"}, "11.4.0.106")
+    entry = {
+        "precision": "int8",
+        "onnx": "tensorrt/model.int8.onnx",
+        "plan": "tensorrt/model.plan",
+        "built_for": {
+            "gpu": "NVIDIA H100",
+            "tensorrt": "11.4.0.106",
+            "key": "nvidia-h100-sm90-trt11.4.0.106",
+        },
+        "profile": {k: list(v) for k, v in profile.items()},
+    }
+    # built for another GPU: rebuilt from the ONNX, saying why, and cached
+    plan, info = trt_mod.load_plan(tmp_path, entry, profile)
+    assert plan == b"new" and info["source"] == "built" and builds == [("model.int8.onnx", profile)]
+    assert "built for NVIDIA H100" in capsys.readouterr().err
+    assert (tmp_path / info["plan"]).read_bytes() == b"new"
+    # the next run finds the cached rebuild
+    plan, info = trt_mod.load_plan(tmp_path, entry, profile)
+    assert info["source"] == "cache" and len(builds) == 1
+    # the artifact's own plan when it was built here and covers the tiles
+    entry["built_for"] = {"gpu": "NVIDIA H200", "tensorrt": "11.4.0.106", "key": here}
+    plan, info = trt_mod.load_plan(tmp_path, entry, profile)
+    assert plan == b"old" and info["source"] == "artifact"
+    # and for other tiles within its shapes (up to twice the tile), but not beyond
+    assert trt_mod.load_plan(tmp_path, entry, profile_shapes((64, 128, 128), 1))[1]["source"] == "artifact"
+    assert trt_mod.load_plan(tmp_path, entry, profile_shapes((96, 160, 160), 1))[1]["source"] == "built"
+    # compressed without a GPU (no plan) and no ONNX left: a clear error
+    (tmp_path / "tensorrt" / "model.int8.onnx").unlink()
+    with pytest.raises(EfficientBioAIError, match="no TensorRT ONNX"):
+        trt_mod.load_plan(tmp_path, {**entry, "plan": None}, profile_shapes((16, 32, 32), 1))
+    # fp8 on a GPU without FP8 tensor cores
+    monkeypatch.setattr(
+        trt_mod, "gpu_description", lambda index=0: {"name": "RTX 3090", "compute_capability": "8.6"}
+    )
+    with pytest.raises(EfficientBioAIError, match="fp8 needs"):
+        trt_mod.load_plan(tmp_path, {**entry, "precision": "fp8"}, profile)
+
+
 # --------------------------------------------------------------------------------- config wiring
 
 
