@@ -2,9 +2,9 @@
 
 A GPU engine implements :meth:`CudaEngine.run_device` (a CUDA float32 tensor in, a CUDA tensor out, on
 the stream it is given). :meth:`CudaEngine.map` then pipelines whole images: each batch is copied into
-pinned (page-locked) host memory, sent to the GPU and brought back on a *copy* stream while the previous
-batch computes on the *compute* stream (events order the two), and the caller's thread reads the next
-tiles and blends finished outputs meanwhile. Outputs are always synchronised before they are returned, so
+pinned (page-locked) host memory, sent to the GPU on an *upload* stream and brought back on a *download*
+stream while other batches compute on the *compute* stream (events order the three), and the caller's
+thread reads the next tiles and blends finished outputs meanwhile. Outputs are always synchronised before they are returned, so
 a block timed around ``map`` / ``__call__`` ends when the GPU work has.
 
 :class:`TorchCudaEngine` runs the original PyTorch module on the GPU (fp32, or fp16 / bf16 autocast,
@@ -72,12 +72,15 @@ class CudaEngine(Engine):
     index: int = 0
 
     def _streams(self):
+        """(upload, compute, download) streams: uploads and downloads use the GPU's two copy engines, so
+        batch k+1's upload and batch k-1's download both overlap batch k's compute."""
         import torch
 
         if getattr(self, "_compute", None) is None:
+            self._upload = torch.cuda.Stream(self.device)
             self._compute = torch.cuda.Stream(self.device)
-            self._copy = torch.cuda.Stream(self.device)
-        return self._compute, self._copy
+            self._download = torch.cuda.Stream(self.device)
+        return self._upload, self._compute, self._download
 
     def run_device(self, x, stream):  # pragma: no cover - abstract, GPU only
         """Run the network on ``x`` (float32, CUDA, (B, C, *spatial)) on ``stream``; return a CUDA tensor."""
@@ -90,29 +93,29 @@ class CudaEngine(Engine):
         """Outputs of ``batches`` in order; batch k+1's upload overlaps batch k's compute and download."""
         import torch
 
-        compute, copy = self._streams()
+        upload, compute, download = self._streams()
         pending: deque = deque()
 
         def submit(batch: np.ndarray):
             host = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).pin_memory()
-            with torch.cuda.stream(copy):
+            with torch.cuda.stream(upload):
                 x = host.to(self.device, non_blocking=True)
                 uploaded = torch.cuda.Event()
-                uploaded.record(copy)
+                uploaded.record(upload)
             with torch.cuda.stream(compute):
                 compute.wait_event(uploaded)
-                x.record_stream(compute)
+                x.record_stream(compute)  # allocated on the upload stream, read on this one
                 y = self.run_device(x, compute)
                 computed = torch.cuda.Event()
                 computed.record(compute)
-            with torch.cuda.stream(copy):
-                copy.wait_event(computed)
-                y.record_stream(copy)
+            with torch.cuda.stream(download):
+                download.wait_event(computed)
+                y.record_stream(download)
                 out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
                 out.copy_(y, non_blocking=True)
                 done = torch.cuda.Event()
-                done.record(copy)
-            return host, out, done
+                done.record(download)
+            return host, out, done  # host stays referenced until its upload has finished
 
         def finish(item) -> np.ndarray:
             _host, out, done = item
