@@ -375,6 +375,28 @@ def test_infer_default_backend_without_gpu_is_the_cpu_engine(trt_artifact, tmp_p
     assert res.images[0].runs[0].engine == "onnxruntime fp32"
 
 
+def test_default_backend_with_a_gpu(monkeypatch):
+    """The choice infer makes on a GPU machine (stand-in: the GPU and TensorRT checks are replaced)."""
+    import efficientbioai.compress.tensorrt as ct
+    import efficientbioai.engines.cuda as cuda
+    from efficientbioai.infer.gpu import choose_backend
+
+    monkeypatch.setattr(cuda, "cuda_available", lambda: True)
+    torch_original = {
+        "engines": {"primary": {"backend": "openvino"}, "tensorrt": {"precision": "int8"}},
+        "model": {"config": {"kind": "monai"}},
+        "latency": {"original": {"backend": "torch"}},
+    }
+    monkeypatch.setattr(ct, "gpu_status", lambda: (True, ""))
+    assert choose_backend(torch_original, None)[0] == "tensorrt"
+    assert choose_backend(torch_original, "openvino") == ("openvino", "backend set in the config")
+    monkeypatch.setattr(ct, "gpu_status", lambda: (False, "the tensorrt package is not installed"))
+    backend, why = choose_backend(torch_original, None)
+    assert backend == "torch-cuda" and "tensorrt package is not installed" in why
+    onnx_original = {**torch_original, "latency": {"original": {"backend": "onnxruntime"}}}
+    assert choose_backend(onnx_original, None)[0] == "openvino"  # nothing to run on the GPU
+
+
 def test_onnxruntime_gpu_providers_missing_is_a_clear_error():
     from efficientbioai.engines.onnxruntime import select_providers
 

@@ -37,7 +37,8 @@ def choose_backend(manifest: dict[str, Any], requested: str | None) -> tuple[str
         reason = why
     else:
         reason = "the artifact has no TensorRT engine (compress with export.targets: [openvino, tensorrt])"
-    if manifest["model"].get("config") and manifest["model"].get("kind") not in ("onnx",):
+    original = (manifest.get("latency") or {}).get("original") or {}
+    if manifest["model"].get("config") and original.get("backend") == "torch":  # a PyTorch original
         return "torch-cuda", f"a GPU is present; TensorRT not used: {reason}"
     return primary, f"a GPU is present but {reason}, and the original is not a PyTorch model"
 
