@@ -104,6 +104,39 @@ def test_fp16_graph_runs_and_matches(unet3d_onnx):
     assert metrics.relative_l2(out, ref) < 5e-3
 
 
+def test_fp16_keeps_shape_arithmetic_in_fp32():
+    """A size computed in float (here 3001 × 1.5 → 4501; fp16 has no 3001 nor 4501) must survive the cast."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["sf", "k"], ["m"]),
+        helper.make_node("Cast", ["m"], ["n"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["x", "w"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3001])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [3001]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, [1]),
+        ],
+        [
+            numpy_helper.from_array(np.array([1.5], np.float32), "k"),
+            numpy_helper.from_array(np.array([0.5], np.float32), "w"),
+        ],
+    )
+    low = to_low_precision(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), "fp16")
+    x = np.linspace(-1, 1, 3001, dtype=np.float32)
+    s = ort.InferenceSession(low.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, n = s.run(None, {"x": x})
+    assert n.tolist() == [4501]
+    assert np.allclose(y, 0.5 * x, atol=1e-3)
+    assert {i.name: i.data_type for i in low.graph.initializer}["w"] == TensorProto.FLOAT16
+
+
 def test_bf16_graph_is_valid_onnx(unet3d_onnx):
     """bf16 convolutions exist from opset 22 on; ONNX Runtime has no CPU kernels for them, so the graph is
     checked with the full ONNX checker (types, shapes) rather than run."""

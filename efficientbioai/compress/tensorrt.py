@@ -64,6 +64,9 @@ HIGH_PRECISION_OPS = frozenset(
 # inputs that must stay fp32 whatever the layer computes in: (op type, input index)
 _FLOAT32_ONLY_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 
+# layers that accept any input type (no cast in front of them)
+_ANY_FLOAT_INPUT = frozenset({"Cast", "Shape", "Size"})
+
 FP8_MAX = 448.0  # largest finite FLOAT8E4M3FN value
 
 
@@ -169,6 +172,14 @@ def to_low_precision(model, precision: str):
     stack = [
         n.input[i] for n in g.node for (op, i) in _FLOAT32_ONLY_INPUTS if n.op_type == op and len(n.input) > i
     ]
+    # float arithmetic on shapes (Shape → Cast(float) → Mul → Cast(int)) stays fp32: fp16 holds integers
+    # exactly only up to 2048
+    integer = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8}
+    stack += [
+        n.input[0]
+        for n in g.node
+        if n.op_type == "Cast" and any(a.name == "to" and a.i in integer for a in n.attribute)
+    ]
     seen: set[str] = set()
     while stack:
         t = stack.pop()
@@ -238,7 +249,7 @@ def to_low_precision(model, precision: str):
             continue
         want = TensorProto.FLOAT if is_high else low
         for i, t in enumerate(n.input):
-            if not t or (n.op_type, i) in _FLOAT32_ONLY_INPUTS:
+            if not t or (n.op_type, i) in _FLOAT32_ONLY_INPUTS or n.op_type in _ANY_FLOAT_INPUT:
                 continue
             cur = now.get(t)
             if cur in (TensorProto.FLOAT, low) and cur != want:
