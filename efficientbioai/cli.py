@@ -52,7 +52,9 @@ Run a compressed engine over whole 2D / 3D images with sliding-window tiling.
 The config is YAML (relative paths are read from the current directory):
 
   model: runs/my_model_int8     # an artifact directory written by `efficientbioai compress`
-  # backend: openvino           # openvino | onnxruntime | torch (default: the artifact's best engine)
+  # backend: openvino           # CPU: openvino | onnxruntime | torch; NVIDIA GPU: tensorrt | torch-cuda |
+                                # onnxruntime-cuda | onnxruntime-tensorrt (default: the GPU engine when a GPU
+                                # is present, else the artifact's best CPU engine; infer says which)
   input: "data/images/*.tif"    # a file, a glob, a folder, or a zarr / OME-Zarr store
   output: runs/predictions      # TIFF by default, zarr for zarr inputs (output_format: zarr)
   tiling: {tile_shape: [256, 256], overlap: 0.25, blend: gaussian, batch_size: 1}

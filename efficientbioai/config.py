@@ -297,13 +297,29 @@ class QuantizeConfig(_Strict):
         return self
 
 
+class TensorRTExportConfig(_Strict):
+    """The TensorRT engine (export.targets: [tensorrt]), for NVIDIA GPUs."""
+
+    precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] | None = Field(
+        None,
+        description="precision of the TensorRT engine: fp16 / bf16 (weights and layers cast, normalisations "
+        "kept fp32), int8 / fp8 (explicit Q/DQ calibrated by NNCF on the calibration tiles; fp8 needs compute "
+        "capability ≥ 8.9) or fp32 (default: quantize.precision)",
+    )
+    batch_size: int = Field(1, ge=1, description="batch size the engine is optimised for (tiling.batch_size)")
+    max_batch_size: int = Field(8, ge=1, description="largest batch the engine accepts")
+
+
 class ExportConfig(_Strict):
     """Which engines to build."""
 
     targets: list[Literal["openvino", "onnx", "tensorrt"]] = Field(
         default_factory=lambda: ["openvino"],
-        description="engines to build; the ONNX model is always written",
+        description="engines to build; the ONNX model is always written. tensorrt writes the TensorRT-ready "
+        "ONNX (checked on the CPU with ONNX Runtime) and builds the engine when a GPU is present, otherwise "
+        "on first use on the GPU machine",
     )
+    tensorrt: TensorRTExportConfig = Field(default_factory=TensorRTExportConfig)
     opset: int = Field(17, ge=13, description="ONNX opset")
     slim: bool = Field(True, description="simplify the ONNX graph with onnxslim")
     rewrite: bool = Field(
@@ -313,16 +329,6 @@ class ExportConfig(_Strict):
         "strided transposed convolution (≤ 8 output channels, e.g. a U-Net's output layer) becomes a "
         "convolution + pixel shuffle, which CPUs run much faster and OpenVINO can run in int8",
     )
-
-    @field_validator("targets")
-    @classmethod
-    def _no_trt_yet(cls, v: list[str]) -> list[str]:
-        if "tensorrt" in v:
-            raise ValueError(
-                "TensorRT engines are not available yet in this version; use 'openvino' (CPU) or "
-                "'onnx' and build a TensorRT engine from model.onnx with trtexec"
-            )
-        return v
 
 
 class FidelityConfig(_Strict):
@@ -400,7 +406,8 @@ class CompressConfig(_Strict):
         ):
             raise ValueError(
                 f"quantize: precision {self.quantize.precision if self.quantize.strategy == 'fixed' else 'auto'} "
-                "needs the OpenVINO engine; add openvino to export.targets, or use precision fp32"
+                "needs the OpenVINO engine; add openvino to export.targets, or use precision fp32 (the "
+                "TensorRT engine's precision is export.tensorrt.precision)"
             )
         return self
 
@@ -483,15 +490,39 @@ class CellposeInferConfig(_Strict):
     invert: bool = Field(False, description="invert intensities (dark objects on a bright background)")
 
 
+class GpuConfig(_Strict):
+    """NVIDIA GPU engines in `infer`."""
+
+    index: int = Field(0, ge=0, description="CUDA device index of the GPU to run on")
+    torch_precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp16", description="backend torch-cuda: fp32, or fp16 / bf16 autocast"
+    )
+    channels_last: bool = Field(True, description="backend torch-cuda: channels-last memory format")
+
+
 class InferConfig(_Strict):
     """`efficientbioai infer`: run a compressed engine over whole images."""
 
     model: Path = Field(description="an artifact directory written by `efficientbioai compress`")
-    backend: Literal["openvino", "onnxruntime", "torch", "tensorrt"] | None = Field(
+    backend: (
+        Literal[
+            "openvino",
+            "onnxruntime",
+            "torch",
+            "tensorrt",
+            "torch-cuda",
+            "onnxruntime-cuda",
+            "onnxruntime-tensorrt",
+        ]
+        | None
+    ) = Field(
         None,
-        description="engine to run: openvino | onnxruntime | torch (the original model) "
-        "(default: the best one in the artifact)",
+        description="engine to run: openvino | onnxruntime | torch (the original model) on the CPU; tensorrt | "
+        "torch-cuda (the original model) | onnxruntime-cuda | onnxruntime-tensorrt on an NVIDIA GPU "
+        "(default: with a GPU, tensorrt when the artifact has it, else torch-cuda; without, the artifact's "
+        "best CPU engine)",
     )
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
     input: str = Field(description="a file, a glob, a folder, or a zarr / OME-Zarr store")
     axes: str | None = Field(
         None, description="axes of the input images, e.g. 'zyx' or 'cyx' (default: from the file or inferred)"

@@ -80,7 +80,7 @@ import itertools
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,16 +141,25 @@ def format_energy(reading: EnergyReading | None) -> str:
     """``"12.3 J (estimated)"``, or ``"-"`` when there is no energy figure."""
     if reading is None or reading.joules is None or reading.method == UNAVAILABLE:
         return "-"
-    joules = reading.joules
+    text = f"{_joules_text(reading.joules)} ({reading.method})"
+    gpu_j = reading.details.get("gpu_joules")
+    if gpu_j is not None and reading.details.get("parts", {}).get("gpu") == MEASURED:
+        # the GPU part is a hardware counter even when the CPU part is a model
+        text += f", GPU {_joules_text(gpu_j)} {GPU_LABEL}"
+    return text
+
+
+GPU_LABEL = "measured (NVML)"
+
+
+def _joules_text(joules: float) -> str:
     if joules >= 1000:
-        text = f"{joules / 1000:.3g} kJ"
-    elif joules >= 100:
-        text = f"{joules:.0f} J"
-    elif joules >= 0.1:
-        text = f"{joules:.3g} J"
-    else:
-        text = f"{joules * 1000:.3g} mJ"
-    return f"{text} ({reading.method})"
+        return f"{joules / 1000:.3g} kJ"
+    if joules >= 100:
+        return f"{joules:.0f} J"
+    if joules >= 0.1:
+        return f"{joules:.3g} J"
+    return f"{joules * 1000:.3g} mJ"
 
 
 CPU_TIME_ESTIMATE = "estimated from CPU time × an assumed power"
@@ -517,8 +526,12 @@ class EnergyMeter:
         self._warn(f"GPU energy will not be reported any more: {self._gpu_reason}.")
 
     @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
-        """Time and meter the ``with`` block; ``m.reading`` is set on exit (also when the block raises)."""
+    def measure(self, synchronize: Callable[[], None] | None = None) -> Iterator[Measurement]:
+        """Time and meter the ``with`` block; ``m.reading`` is set on exit (also when the block raises).
+
+        ``synchronize`` (e.g. ``torch.cuda.synchronize``) is called when the block ends, before the clock
+        and the GPU energy counter are read, so that queued GPU work is inside the measurement.
+        """
         if self._active:
             raise RuntimeError("EnergyMeter.measure() blocks cannot be nested")
         self._active = True
@@ -542,6 +555,13 @@ class EnergyMeter:
         try:
             yield measurement
         finally:
+            if synchronize is not None:
+                try:
+                    synchronize()
+                except Exception as exc:  # the block's own error (if any) is what the caller needs
+                    self._warn(
+                        f"could not synchronise the GPU before reading the meters: {_short_error(exc)}"
+                    )
             seconds = time.perf_counter() - t0
             gpu_after: int | None = None
             if gpu is not None:

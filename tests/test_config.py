@@ -28,17 +28,22 @@ def test_wrong_type_missing_file_and_missing_key(tmp_path):
     assert "output: required key is missing" in msg
 
 
-def test_kind_requirements_and_tensorrt_not_yet(tmp_path):
+def test_kind_requirements_and_tensorrt_target(tmp_path):
     with pytest.raises(ConfigError, match="kind 'monai' needs 'model.name'"):
         validate_config({"model": {"kind": "monai", "axes": "bczyx"}, "output": "o"})
-    with pytest.raises(ConfigError, match="TensorRT engines are not available yet"):
-        validate_config(
-            {
-                "model": {"kind": "monai", "name": "UNet", "axes": "bczyx"},
-                "output": "o",
-                "export": {"targets": ["tensorrt"]},
-            }
-        )
+    model = {"kind": "monai", "name": "UNet", "axes": "bczyx"}
+    # TensorRT is built beside a CPU engine; its own precision is export.tensorrt.precision
+    with pytest.raises(ConfigError, match="export.tensorrt.precision"):
+        validate_config({"model": model, "output": "o", "export": {"targets": ["tensorrt"]}})
+    cfg = validate_config(
+        {
+            "model": model,
+            "output": "o",
+            "quantize": {"precision": "fp32"},
+            "export": {"targets": ["onnx", "tensorrt"], "tensorrt": {"precision": "int8"}},
+        }
+    )
+    assert cfg.export.tensorrt.precision == "int8"
 
 
 def test_yaml_errors(tmp_path):

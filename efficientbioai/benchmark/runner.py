@@ -335,7 +335,8 @@ def gpu_rows(variants: list[Row], notes: list[str]) -> list[Row]:
     if skipped:
         notes.append(
             f"GPU: no GPU engine for {', '.join(skipped)} in this version (int8, pruned and fp32-engine variants "
-            "run on NVIDIA GPUs through TensorRT, which is not available yet); the GPU rows are the original "
+            "run on NVIDIA GPUs through TensorRT: `efficientbioai infer` with backend tensorrt, compared in "
+            "benchmarks/gpu.py); the GPU rows are the original "
             "PyTorch model in fp32 and, for fp16 / bf16 variants, the same model under torch.autocast"
         )
     return rows

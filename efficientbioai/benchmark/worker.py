@@ -25,8 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from efficientbioai.engines.base import Engine
-
 MARK = "@@EFFICIENTBIOAI-BENCHMARK@@ "
 
 
@@ -132,46 +130,9 @@ def load_image(entry: dict[str, Any], model_axes: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ engines
 
 
-class CudaTorchEngine(Engine):
-    """The original PyTorch module on an NVIDIA GPU: fp32, or fp16 / bf16 autocast.
-
-    Inputs are copied to the GPU and outputs back per batch; :meth:`synchronize` waits for the GPU, so
-    that a timed block ends when the GPU work has finished.
-    """
-
-    backend = "torch-cuda"
-
-    def __init__(self, module, precision: str = "fp32", index: int = 0):
-        import torch
-
-        self.device = torch.device("cuda", index)
-        self.module = module.to(self.device).eval()
-        self.precision = precision
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-        self.threads = torch.get_num_threads()
-        self.label = f"torch cuda {precision}" + (" autocast" if self.dtype is not None else "")
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        with (
-            torch.inference_mode(),
-            torch.autocast("cuda", dtype=self.dtype or torch.float16, enabled=self.dtype is not None),
-        ):
-            out = self.module(x)
-        if isinstance(out, tuple | list):
-            out = out[0]
-        return out.float().cpu().numpy()
-
-    def synchronize(self) -> None:
-        import torch
-
-        torch.cuda.synchronize(self.device)
-
-
 def build_engine(spec: dict[str, Any], threads: int):
     from efficientbioai.engines import TorchEngine
+    from efficientbioai.engines.cuda import TorchCudaEngine
     from efficientbioai.errors import EfficientBioAIError
     from efficientbioai.infer.pipeline import open_engine, open_original
     from efficientbioai.manifest import read_manifest
@@ -195,7 +156,12 @@ def build_engine(spec: dict[str, Any], threads: int):
             "the original model exists only as ONNX: it has no PyTorch module to run on the GPU",
             "benchmark it on the CPU (devices: [cpu])",
         )
-    engine = CudaTorchEngine(original.module, spec.get("precision", "fp32"), spec.get("gpu_index", 0))
+    engine = TorchCudaEngine(
+        original.module,
+        spec.get("precision", "fp32"),
+        spec.get("gpu_index", 0),
+        channels_last=spec["kind"] != "original",  # the original row is what users run today
+    )
     if spec["kind"] == "original":
         engine.label = "torch cuda fp32 eager (original)"
     return engine, manifest
@@ -209,6 +175,7 @@ def serve(spec: dict[str, Any]) -> None:
 
     from efficientbioai.config import InferConfig
     from efficientbioai.energy import EnergyMeter
+    from efficientbioai.infer.gpu import nvml_index
     from efficientbioai.infer.pipeline import _predictor
 
     t_start = time.perf_counter()
@@ -234,11 +201,7 @@ def serve(spec: dict[str, Any]) -> None:
     images = [load_image(e, model_axes) for e in spec["images"]]
     cuda = spec["device"] == "gpu"
     sync = getattr(engine, "synchronize", None) or (lambda: None)
-    gpu_index = spec.get("gpu_index") if cuda else None
-    if gpu_index is not None and os.environ.get("CUDA_VISIBLE_DEVICES"):
-        # NVML counts every GPU of the machine; CUDA only the visible ones, in the listed order
-        with contextlib.suppress(ValueError, IndexError):
-            gpu_index = int(os.environ["CUDA_VISIBLE_DEVICES"].split(",")[gpu_index])
+    gpu_index = nvml_index(int(spec.get("gpu_index", 0))) if cuda else None
     meter = EnergyMeter(enabled=bool(spec["energy"]), gpu_index=gpu_index)
     outputs = Path(spec["outputs"])
     outputs.mkdir(parents=True, exist_ok=True)

@@ -632,6 +632,24 @@ def _build(
         final = OnnxRuntimeEngine(tmp / "model.onnx", threads)
     with final, ref_engine:
         pkg = package_test(ref_engine, final, loaded)
+    if "tensorrt" in cfg.export.targets:  # TensorRT-ready ONNX (+ the plan where a GPU is present)
+        from efficientbioai.compress.tensorrt import build_target
+
+        engines["tensorrt"] = build_target(
+            cfg,
+            tmp,
+            chosen.precision,
+            parser.calibration_tiles(data.calib.inputs),
+            data.holdout.inputs,
+            ref_out,
+            lambda engine, tiles: run_tiles(engine, tiles, loaded),
+            lambda out: fidelity_figures(ref_out, out, None, cfg),
+            threads,
+            quiet=quiet,
+            log=lambda msg: _log(msg, quiet),
+            tile_min=loaded.tile_min,
+            tile_step=loaded.tile_step,
+        )
 
     files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     compressed_bytes = (

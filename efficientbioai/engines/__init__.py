@@ -1,4 +1,9 @@
-"""Inference engines behind one interface (:class:`Engine`): OpenVINO, ONNX Runtime, PyTorch."""
+"""Inference engines behind one interface (:class:`Engine`): OpenVINO, ONNX Runtime, PyTorch.
+
+The NVIDIA GPU engines live in :mod:`efficientbioai.engines.cuda` (PyTorch CUDA, and the pipelined batch
+submission every GPU engine shares) and :mod:`efficientbioai.engines.tensorrt` (TensorRT); they are
+imported where used, so that machines without a GPU never load CUDA or TensorRT.
+"""
 
 from __future__ import annotations
 

@@ -27,7 +27,15 @@ from efficientbioai.models.base import sha256
 from efficientbioai.report import table
 from efficientbioai.tiling import check_tile_shape
 
-BACKENDS = ("openvino", "onnxruntime", "torch")
+BACKENDS = (
+    "openvino",
+    "onnxruntime",
+    "torch",
+    "tensorrt",
+    "torch-cuda",
+    "onnxruntime-cuda",
+    "onnxruntime-tensorrt",
+)
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -56,21 +64,26 @@ def verify_artifact(directory: Path, manifest: dict[str, Any], prefix: str) -> N
 
 
 def open_engine(
-    directory: Path, manifest: dict[str, Any], backend: str | None, threads: int, hint: str = "THROUGHPUT"
+    directory: Path,
+    manifest: dict[str, Any],
+    backend: str | None,
+    threads: int,
+    hint: str = "THROUGHPUT",
+    **gpu_options: Any,
 ) -> Engine:
     """The artifact's engine for ``backend`` (default: its primary engine).
 
-    OpenVINO compiles with the THROUGHPUT hint by default: whole-image inference keeps several requests
+    The GPU backends (:mod:`efficientbioai.infer.gpu`) take ``gpu_options``. OpenVINO compiles with the
+    THROUGHPUT hint by default: whole-image inference keeps several requests
     in flight. On an idle 2-core CPU neither hint wins consistently (benchmarks/infer_cpu.py), but
     THROUGHPUT slowed down far less when other processes competed for the cores.
     """
     engines = manifest["engines"]
     backend = backend or engines["primary"]["backend"]
-    if backend == "tensorrt":
-        raise ConfigError(
-            "backend: tensorrt engines are not available yet in this version",
-            "use backend: openvino (CPU) or onnxruntime",
-        )
+    from efficientbioai.infer.gpu import GPU_BACKENDS, open_gpu_engine
+
+    if backend in GPU_BACKENDS:  # gpu_options: gpu (GpuConfig), tile_shape, batch_size, quiet
+        return open_gpu_engine(directory, manifest, backend, threads, **gpu_options)
     if backend == "openvino":
         if "openvino" not in engines:
             raise ConfigError(
@@ -401,13 +414,28 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         task = "restoration"
     out_paths = output_paths(cfg, files)
 
-    _log(f"loading engine from {directory}", quiet)
-    engines: list[Engine] = [open_engine(directory, manifest, cfg.backend, threads)]
-    if cfg.compare_with_original and cfg.backend != "torch":
+    from efficientbioai.infer.gpu import GPU_BACKENDS, choose_backend, nvml_index
+
+    backend, why = choose_backend(manifest, cfg.backend)
+    _log(f"loading engine from {directory}: {backend} ({why})", quiet)
+    engines: list[Engine] = [
+        open_engine(
+            directory,
+            manifest,
+            backend,
+            threads,
+            gpu=cfg.gpu,
+            tile_shape=tuple(cfg.tiling.tile_shape or manifest["calibration"]["tile_shape"]),
+            batch_size=cfg.tiling.batch_size,
+            quiet=quiet,
+        )
+    ]
+    if cfg.compare_with_original and backend != "torch":
         _log("loading the original model for comparison", quiet)
         engines.append(open_original(manifest, threads))
     predictors = [_predictor(cfg, manifest, e) for e in engines]
-    meter = EnergyMeter(enabled=cfg.energy)
+    on_gpu = backend in GPU_BACKENDS
+    meter = EnergyMeter(enabled=cfg.energy, gpu_index=nvml_index(cfg.gpu.index) if on_gpu else None)
     records: list[ImageRecord] = []
     warmed = set()
     try:
@@ -449,7 +477,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     predictor.warm_up(images[0].shape[0])
                     warmed.add(e_idx)
                 preds: list[Prediction] = []
-                with meter.measure() as m:
+                with meter.measure(getattr(engine, "synchronize", None)) as m:
                     for im in images:
                         with tqdm(
                             desc=f"{path.name} · {engine.label}", unit="tile", disable=quiet, leave=False
