@@ -114,6 +114,28 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from efficientbioai.doctor import diagnose
+
+    report = diagnose(args.config)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.text())
+    return 0 if report.ok else 1
+
+
+DOCTOR_HELP = """\
+What this machine can run: engines and libraries with their versions, the CPU instructions that decide
+int8 / bf16 speed (AVX-512, VNNI, AMX, BF16), GPU / driver / CUDA / TensorRT, whether energy is measured
+(RAPL, NVML) or estimated, free memory and disk, what that means, and the command that installs each
+missing piece.
+
+With --config (a compress, infer or benchmark config) it also checks what that config needs (the
+cellpose extra, a GPU and TensorRT, Dask...) and exits with status 1 naming what is missing.
+"""
+
+
 def _cmd_schema(args) -> int:
     from efficientbioai.benchmark import BenchmarkConfig
     from efficientbioai.config import CompressConfig, InferConfig
@@ -180,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final tables")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine: engines, CPU features (VNNI, AMX, bf16), GPU, energy meters, memory; "
+        "with --config, whether that config can run here",
+        description=DOCTOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", "-c", help="a compress / infer / benchmark config to check")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("schema", help="print the JSON schema of a config (for editors and docs)")
     p.add_argument("which", choices=["compress", "infer", "benchmark"], nargs="?", default="compress")
