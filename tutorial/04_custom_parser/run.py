@@ -67,15 +67,15 @@ def main() -> None:
         (work / "data" / sub).mkdir(parents=True, exist_ok=True)
     for i in range(1 if quick else 2):
         tifffile.imwrite(work / "data" / "calib" / f"calib{i}.tif", nuclei((256, 256), seed=20 + i)[0])
-    size, n_images = (256, 1) if quick else (1024, 2)
+    size, n_images = (256, 1) if quick else (512, 2)
     for i in range(n_images):
         image, labels = nuclei((size, size), seed=400 + i)
         tifffile.imwrite(work / "data" / "images" / f"nuclei{i}.tif", image)
         tifffile.imwrite(work / "data" / "masks" / f"nuclei{i}.tif", (labels > 0).astype(np.uint8))
 
     step("2. train our own network and save it the way our lab does (weights + training config)")
-    data = [nuclei((256, 256), seed=s) for s in range(2 if quick else 6)]
-    steps = 5 if quick else 300
+    data = [nuclei((256, 256), seed=s) for s in range(2 if quick else 4)]
+    steps = 5 if quick else 100
     net = train(NucleiNet(width=16), [normalise(d[0]) for d in data], [d[1] > 0 for d in data], steps)
     (work / "model").mkdir(exist_ok=True)
     torch.save(
