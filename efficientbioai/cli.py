@@ -116,6 +116,66 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from efficientbioai.doctor import diagnose
+
+    report = diagnose(args.config)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.text())
+    return 0 if report.ok else 1
+
+
+DOCTOR_HELP = """\
+What this machine can run: engines and libraries with their versions, the CPU instructions that decide
+int8 / bf16 speed (AVX-512, VNNI, AMX, BF16), GPU / driver / CUDA / TensorRT, whether energy is measured
+(RAPL, NVML) or estimated, free memory and disk, what that means, and the command that installs each
+missing piece.
+
+With --config (a compress, infer or benchmark config) it also checks what that config needs (the
+cellpose extra, a GPU and TensorRT, Dask...) and exits with status 1 naming what is missing.
+"""
+
+
+def _cmd_export_bioimageio(args) -> int:
+    from efficientbioai.export_bioimageio import export_bioimageio
+
+    res = export_bioimageio(
+        args.artifact,
+        args.output,
+        sample=args.sample,
+        sample_axes=args.sample_axes,
+        name=args.name,
+        license=args.license,
+        authors=args.author,
+        overwrite=args.overwrite,
+    )
+    v = res["validation"]
+    print(f"bioimage.io package: {res['output']}")
+    print(
+        f"validated with bioimageio.spec {v['bioimageio.spec']}: {v['status']} (format {v['format_version']})"
+        + (f", {len(v['warnings'])} warning(s)" if v["warnings"] else "")
+    )
+    for w in v["warnings"]:
+        print(f"  warning: {w}")
+    print(f"test tensors: {res['test_output']}", end="")
+    if res["engine_pearson"] is not None:
+        print(f"; the compressed engine reproduces the test output at Pearson r {res['engine_pearson']:.5f}")
+    else:
+        print()
+    return 0
+
+
+EXPORT_HELP = """\
+Write a compressed model (an artifact directory from `efficientbioai compress`) as a bioimage.io model
+package (format 0.5): ONNX weights (the artifact's model.onnx), the OpenVINO engine and the manifest as
+attachments, test tensors (the source package's, or a tile of a calibration image / --sample and the
+weights' output on it), a cover, and a README describing the compression and its fidelity. The package
+is validated with bioimageio.spec (pip install "efficientbioai[bioimageio]") before it is written.
+"""
+
+
 def _cmd_schema(args) -> int:
     from efficientbioai.benchmark import BenchmarkConfig
     from efficientbioai.config import CompressConfig, InferConfig
@@ -182,6 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the final tables")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine: engines, CPU features (VNNI, AMX, bf16), GPU, energy meters, memory; "
+        "with --config, whether that config can run here",
+        description=DOCTOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", "-c", help="a compress / infer / benchmark config to check")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser(
+        "export-bioimageio",
+        help="write a compressed model as a validated bioimage.io package (folder or .zip)",
+        description=EXPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--artifact", "-a", required=True, help="artifact directory written by `compress`")
+    p.add_argument("--output", "-o", required=True, help="package folder, or a .zip file")
+    p.add_argument("--sample", help="image for the test tensors (default: the first calibration image)")
+    p.add_argument("--sample-axes", help="axes of --sample, e.g. yx, zyx, cyx (default: inferred)")
+    p.add_argument("--name", help="the package's name (default: '<model> <precision> (efficientbioai)')")
+    p.add_argument(
+        "--license", help="SPDX license id (default: the source bioimage.io package's; required otherwise)"
+    )
+    p.add_argument("--author", action="append", help="an author's name (repeat for several)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.set_defaults(func=_cmd_export_bioimageio)
 
     p = sub.add_parser("schema", help="print the JSON schema of a config (for editors and docs)")
     p.add_argument("which", choices=["compress", "infer", "benchmark"], nargs="?", default="compress")

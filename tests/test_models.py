@@ -30,6 +30,18 @@ class DoubleParser(BaseParser):
         return LoadedModel(module=DoubleNet(), axes="bcyx", name="double")
 
 
+class SigmoidParser(BaseParser):
+    """Steps written the short bioimage.io way: no kwargs, and 0.4's 'name' key."""
+
+    def load(self):
+        return LoadedModel(
+            module=DoubleNet(),
+            axes="bcyx",
+            preprocessing=[{"name": "scale_range", "kwargs": {"max_percentile": 99}}],
+            postprocessing=[{"id": "sigmoid"}],
+        )
+
+
 def make_double(**kwargs):
     return DoubleNet()
 
@@ -78,6 +90,16 @@ def test_torch_factory_and_user_parser_plug_in():
     assert loaded.name == "double"
     with pytest.raises(ConfigError, match="not a BaseParser subclass"):
         load_model(ModelConfig(kind="tests.test_models:make_double"))
+
+
+def test_user_parser_steps_are_normalised():
+    from efficientbioai.processing import apply_steps
+
+    _, loaded = load_model(ModelConfig(kind="tests.test_models:SigmoidParser"))
+    assert loaded.postprocessing == [{"id": "sigmoid", "kwargs": {}}]
+    assert loaded.preprocessing == [{"id": "scale_range", "kwargs": {"max_percentile": 99}}]
+    out = apply_steps(np.zeros((1, 1, 4, 4), np.float32), loaded.postprocessing, loaded.axes)
+    np.testing.assert_allclose(out, 0.5)
     with pytest.raises(ConfigError, match="unknown kind 'tensorflow'"):
         load_model(ModelConfig(kind="tensorflow"))
 

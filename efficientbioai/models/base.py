@@ -202,6 +202,11 @@ def probe_tile_step(run, ndim: int, in_channels: int) -> list[int]:
 
 def complete(loaded: LoadedModel, config: ModelConfig) -> LoadedModel:
     """Fill what a parser left open: channels, valid tile sizes (probed), halo, from config or model."""
+    from efficientbioai.processing import normalize_steps
+
+    # a parser may write steps as bioimage.io does ({"id": "sigmoid"}, 0.4's "name"): bring them into one form
+    loaded.preprocessing = normalize_steps(loaded.preprocessing)
+    loaded.postprocessing = normalize_steps(loaded.postprocessing)
     if config.tile_step is not None:
         loaded.tile_step = list(config.tile_step)
     if config.halo is not None:
