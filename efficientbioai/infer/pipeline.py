@@ -15,7 +15,15 @@ from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
 from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.predict import Prediction, Predictor
-from efficientbioai.io import expand_paths, output_path, read_axes, read_image, to_model_layout, write_image
+from efficientbioai.io import (
+    expand_paths,
+    output_path,
+    read_axes,
+    read_image,
+    read_pixel_size,
+    to_model_layout,
+    write_image,
+)
 from efficientbioai.localize import SampleLocalizer
 from efficientbioai.manifest import read_manifest
 from efficientbioai.models.base import sha256
@@ -516,9 +524,12 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             out_axes = ("b" if len(images) > 1 else "") + (
                 ("c" if outputs[0].ndim > len(model_axes) - 2 + (len(images) > 1) else "") + model_axes[2:]
             )
-            write_image(
-                opath, outputs[0], axes=None if "b" in out_axes else out_axes
-            )  # no b in TIFF/OME axes
+            write_image(  # no b in TIFF/OME axes; the input's pixel sizes carried over
+                opath,
+                outputs[0],
+                axes=None if "b" in out_axes else out_axes,
+                pixel_size=read_pixel_size(path),
+            )
             if tpath is not None:
                 target = _read_target(tpath, outputs[0].shape, model_axes)
                 for run, out in zip(record.runs, outputs, strict=True):
