@@ -1,27 +1,31 @@
 """CPU benchmark: ``efficientbioai infer`` end to end on a sparse 3D volume, with and without sample localisation.
 
-The volume (default 64x768x768, float32, an OME-Zarr store written slab by slab) holds a cylinder of
-"cleared tissue" through the whole stack that fills 25% of the voxels: tissue autofluorescence plus
-textured nuclei (``synthetic.nuclei`` patterns, repeated), on a dim noisy background. The network is the
-3D MONAI UNet of benchmarks/infer_cpu.py (random weights, seeded) compressed to int8 by that script's
-``prepare``; ``infer`` runs it with tile 32x64x64, overlap 0.25, gaussian blending, batch 1, zarr in and
-zarr out, energy metering off.
+The volume (default 64x1024x1024 float32, a memory-mapped ``.npy`` or with ``--format zarr`` an OME-Zarr
+store, written slab by slab) holds a cylinder of "cleared tissue" through the whole stack that fills 25%
+of the voxels: tissue autofluorescence plus textured nuclei (``synthetic.nuclei`` patterns, repeated), on
+a dim noisy background. The network is the 3D MONAI UNet of benchmarks/infer_cpu.py (random weights,
+seeded) compressed to int8 by that script's ``prepare``; ``infer`` runs it with tile 32x64x64, overlap
+0.25, gaussian blending, batch 1, energy metering off.
 
 Each run is a fresh process (this script with ``--child``) that calls ``efficientbioai.infer.infer`` once;
 runs with and without ``tiling.localize.enabled`` alternate, ``--repeats`` times each (medians reported).
 "infer s" is the whole ``infer()`` call: opening and compiling the engine, warm-up, the localisation pass,
-tiles, blending and writing the output; "latency s" is the whole-image latency ``infer`` reports. The
-outputs of the last two runs are compared inside the sample (the generated cylinder), slab by slab.
+tiles, blending and writing the output; "latency s" is the whole-image latency ``infer`` reports; "CPU s"
+is the CPU time of the ``infer()`` call (all threads; less sensitive than wall time to other processes
+on a shared machine). The outputs of the last two runs are compared inside the sample (the generated
+cylinder), slab by slab.
 
-Why tile 32x64x64 and 768x768: a tile runs when its inner region touches the sample, so the ring of
-partly covered tiles around it decides the speed-up. For a 25% cylinder, tile 32x128x128 on 64x512x512
-runs 84% of the tiles (at most 1.2x faster), on 64x1024x1024 40%; tile 32x64x64 on 64x768x768 runs 35%.
-On the issue's 2048x2048 planes tile 32x128x128 runs about a third of the tiles too.
+Why tile 32x64x64 and 1024x1024 planes: a tile runs when its inner region touches the sample, so the
+ring of partly covered tiles around it bounds the speed-up (tiles run / all tiles, for this 25% cylinder
+and overlap 0.25): tile 32x128x128 runs 84% of the tiles on 64x512x512 (at most 1.2x faster), 38% on
+64x1024x1024, 33% on 64x2048x2048; tile 32x64x64 runs 37% on 64x768x768, 33% on 64x1024x1024 and 30% on
+64x1536x1536. The fixed costs of a run (opening the engine, writing the output) do not shrink.
 
-``measure_localization`` is the measurement as a function (for benchmarks/scale_cpu.py); ``write_sparse_volume``
-writes the volume in bounded memory (any size).
+``measure_localization`` is the measurement as a function (for benchmarks/scale_cpu.py);
+``write_sparse_volume`` writes the volume in bounded memory (any size).
 
-Run:  python benchmarks/localize_cpu.py [--threads N] [--repeats 2] [--shape 64 768 768] [--tile 32 64 64]
+Run:  python benchmarks/localize_cpu.py [--threads N] [--repeats 2] [--shape 64 1024 1024] [--tile 32 64 64]
+      [--format npy|zarr]
 """
 
 from __future__ import annotations
@@ -99,11 +103,20 @@ class SparseVolume:
 
 
 def write_sparse_volume(path: Path, shape, seed: int = 3) -> Sample:
-    """Write a :class:`SparseVolume` of ``shape`` as an OME-Zarr store (slab by slab); its sample."""
+    """Write a :class:`SparseVolume` of ``shape`` slab by slab, as an OME-Zarr store (``*.zarr``) or a
+    ``.npy`` file (memory-mapped when read); its sample."""
     from efficientbioai.io import write_image
 
     sample = Sample.filling(shape)
-    write_image(path, SparseVolume(sample, seed), axes="zyx")
+    volume = SparseVolume(sample, seed)
+    if path.suffix == ".npy":
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
+        for z0 in range(0, shape[0], SLAB):
+            out[z0 : z0 + SLAB] = volume[z0 : z0 + SLAB]
+        out.flush()
+        del out
+    else:
+        write_image(path, volume, axes="zyx")
     return sample
 
 
@@ -132,12 +145,13 @@ def child_main(args) -> None:
         },
         InferConfig,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), own_cpu_seconds()
     result = infer(cfg, quiet=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, own_cpu_seconds() - c0
     run = result.images[0].runs[0]
     out = {
         "infer_seconds": wall,
+        "infer_cpu_seconds": cpu,
         "latency_seconds": run.seconds,
         "tiles": run.tiles,
         "skipped": run.skipped,
@@ -209,9 +223,11 @@ def measure_localization(
         "median": med,
         "speedup_infer": med["full"]["infer_seconds"] / med["localize"]["infer_seconds"],
         "speedup_latency": med["full"]["latency_seconds"] / med["localize"]["latency_seconds"],
+        "speedup_cpu": med["full"]["infer_cpu_seconds"] / med["localize"]["infer_cpu_seconds"],
         "max_abs_diff_inside": inside,
         "max_abs_diff_anywhere": anywhere,
         "sample_fraction": float(sample.disk().mean()),
+        "format": "zarr" if volume.suffix == ".zarr" else "npy (memory-mapped)",
     }
 
 
@@ -224,8 +240,10 @@ def report(res: dict, shape, tile, threads: int, repeats: int) -> str:
                 label,
                 f"{med['infer_seconds']:.2f}",
                 f"{med['latency_seconds']:.2f}",
+                f"{med['infer_cpu_seconds']:.1f}",
                 "1.00x" if name == "full" else f"{res['speedup_infer']:.2f}x",
                 "1.00x" if name == "full" else f"{res['speedup_latency']:.2f}x",
+                "1.00x" if name == "full" else f"{res['speedup_cpu']:.2f}x",
                 f"{last['tiles'] - last['skipped']}/{last['tiles']}",
                 f"{last['skipped_fraction']:.1%}",
                 "-" if name == "full" else f"{res['max_abs_diff_inside']:.3g}",
@@ -235,14 +253,16 @@ def report(res: dict, shape, tile, threads: int, repeats: int) -> str:
         "run",
         "infer s",
         "latency s",
+        "CPU s",
         "speed-up (infer)",
         "speed-up (latency)",
+        "speed-up (CPU s)",
         "tiles run",
         "voxels skipped",
         "max |diff| in sample",
     ]
     title = (
-        f"volume {tuple(shape)} float32 zarr, sample in {res['sample_fraction']:.1%} of the voxels; tile "
+        f"volume {tuple(shape)} float32 {res['format']}, sample in {res['sample_fraction']:.1%} of the voxels; tile "
         f"{tuple(tile)}, overlap {OVERLAP}, int8 OpenVINO, {threads} threads; median of {repeats} runs each, "
         "alternating, each in a fresh process"
     )
@@ -253,8 +273,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=default_threads(), help="CPU threads (default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant (default 2)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[64, 768, 768], metavar=("Z", "Y", "X"))
+    parser.add_argument("--shape", type=int, nargs=3, default=[64, 1024, 1024], metavar=("Z", "Y", "X"))
     parser.add_argument("--tile", type=int, nargs=3, default=[32, 64, 64], metavar=("Z", "Y", "X"))
+    parser.add_argument(
+        "--format", choices=["npy", "zarr"], default="npy", help="input: memory-mapped .npy or OME-Zarr"
+    )
     parser.add_argument("--calib-tiles", type=int, default=16, help="int8 calibration tiles (default 16)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--child", choices=["full", "localize"], help=argparse.SUPPRESS)
@@ -272,12 +295,13 @@ def main() -> None:
         print(f"\n[1/3] preparing in {work}", flush=True)
         prepare(work, (32, 128, 128), args.threads, args.calib_tiles)  # the int8 artifact (tiny volume)
         t0 = time.perf_counter()
-        sample = write_sparse_volume(work / "sparse.zarr", tuple(args.shape))
+        volume = work / f"sparse.{args.format}"
+        sample = write_sparse_volume(volume, tuple(args.shape))
         print(f"  wrote the sparse volume {tuple(args.shape)} ({time.perf_counter() - t0:.1f} s)", flush=True)
         print("\n[2/3] infer with and without localisation, alternating", flush=True)
         res = measure_localization(
             work / "artifact",
-            work / "sparse.zarr",
+            volume,
             sample,
             work / "runs",
             tile=args.tile,

@@ -75,11 +75,21 @@ def block_sizes(n: int, f: int) -> np.ndarray:
 
 
 def auto_factor(shape: Sequence[int], max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, ...]:
-    """One integer factor for every axis so that the downsampled copy has at most ``max_voxels`` voxels."""
-    f = max(1, math.ceil((float(np.prod(shape, dtype=np.float64)) / max_voxels) ** (1 / len(shape))))
+    """One factor for every axis, the smallest power of two that keeps the downsampled copy under
+    ``max_voxels`` voxels (powers of two divide the usual zarr chunk sizes, so reads stay aligned)."""
+    f = 1
     while np.prod([-(-n // f) for n in shape], dtype=np.float64) > max_voxels:
-        f += 1
+        f *= 2
     return tuple(min(f, n) for n in shape)
+
+
+def _storage_chunks(image, has_channels: bool, ndim: int) -> tuple[int, ...]:
+    """The spatial chunk shape of a zarr array (or a lazy view of one), else ones."""
+    for obj in (image, getattr(image, "array", None)):  # infer's channel view keeps the array
+        chunks = getattr(obj, "chunks", None)
+        if isinstance(chunks, tuple) and len(chunks) >= ndim and all(isinstance(c, int) for c in chunks):
+            return tuple(chunks[-ndim:])
+    return (1,) * ndim
 
 
 def downsample(
@@ -88,9 +98,10 @@ def downsample(
     """Block means of ``factor`` voxels per axis (channels averaged), as float32.
 
     ``image`` is a (C, *spatial) array-like (``has_channels``) or a spatial one: a NumPy array, a memory
-    map or a zarr array. It is read in slabs of whole blocks along the first two spatial axes, each at
-    most about ``read_bytes`` as float32, so the full-resolution image is never held in memory. Blocks at
-    the far border may be shorter than ``factor``; their mean is over the voxels they hold.
+    map or a zarr array. It is read in blocks of whole downsampling blocks along the first two spatial
+    axes (aligned to the zarr chunks when that fits, so no chunk is decompressed twice), each at most
+    about ``read_bytes`` as float32: the full-resolution image is never held in memory. Blocks at the
+    far border may be shorter than ``factor``; their mean is over the voxels they hold.
     """
     spatial = tuple(int(n) for n in (image.shape[1:] if has_channels else image.shape))
     factor = tuple(int(f) for f in factor)
@@ -102,13 +113,18 @@ def downsample(
     out = np.empty([-(-n // f) for n, f in zip(spatial, factor, strict=True)], np.float32)
     lead = (slice(None),) if has_channels else ()
     f0, f1 = factor[:2]
-    row_bytes = channels * f0 * int(np.prod(spatial[2:], dtype=np.int64)) * 4  # one index of axis 1
-    rows = max(1, read_bytes // row_bytes // f1) * f1
-    for i0 in range(0, spatial[0], f0):
+    c0, c1 = _storage_chunks(image, has_channels, len(spatial))[:2]
+    rest = channels * int(np.prod(spatial[2:], dtype=np.int64)) * 4  # bytes of one (axis 0, axis 1) line
+    depth, unit = min(math.lcm(f0, c0), spatial[0]), math.lcm(f1, c1)
+    if depth * unit * rest > read_bytes:  # chunks too large for the budget: read whole blocks only
+        depth, unit = f0, f1
+    depth = -(-depth // f0) * f0
+    rows = max(1, read_bytes // (depth * unit * rest)) * unit
+    for i0 in range(0, spatial[0], depth):
         for j0 in range(0, spatial[1], rows):
-            x = np.asarray(image[(*lead, slice(i0, i0 + f0), slice(j0, j0 + rows))], np.float32)
+            x = np.asarray(image[(*lead, slice(i0, i0 + depth), slice(j0, j0 + rows))], np.float32)
             if has_channels:
-                x = x.mean(axis=0, dtype=np.float32)
+                x = x[0] if channels == 1 else x.mean(axis=0, dtype=np.float32)
             for axis, f in enumerate(factor):
                 n = x.shape[axis]
                 idx = np.arange(0, n, f)
@@ -116,7 +132,7 @@ def downsample(
                 shape = [1] * x.ndim
                 shape[axis] = len(idx)
                 x = np.add.reduceat(x, idx, axis=axis) / counts.reshape(shape)
-            out[i0 // f0 : i0 // f0 + 1, j0 // f1 : j0 // f1 + x.shape[1]] = x
+            out[i0 // f0 : i0 // f0 + x.shape[0], j0 // f1 : j0 // f1 + x.shape[1]] = x
     return out
 
 

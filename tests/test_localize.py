@@ -33,11 +33,14 @@ class Reads:
 
     def __init__(self, array):
         self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+        self.chunks = getattr(array, "chunks", None)
         self.sizes: list[int] = []
+        self.keys: list = []
 
     def __getitem__(self, key):
         out = self.array[key]
         self.sizes.append(out.size)
+        self.keys.append(key)
         return out
 
 
@@ -123,6 +126,9 @@ def test_localize_reads_zarr_lazily(tmp_path):
     lazy = Reads(arr)
     loc = localize(lazy, has_channels=False, downsample_factor=2, margin=0)
     assert max(lazy.sizes) < img.size / 4
+    # reads are aligned to the chunks (8 planes, 64 rows): no chunk is decompressed twice
+    assert sum(lazy.sizes) == img.size
+    assert all(k[0].start % 8 == 0 and k[0].stop % 8 == 0 and k[1].start % 64 == 0 for k in lazy.keys)
     np.testing.assert_array_equal(loc.mask, localize(img, has_channels=False, downsample_factor=2).mask)
 
 
