@@ -215,7 +215,10 @@ def measure_localization(
         Path(runs["full"][-1]["output"]), Path(runs["localize"][-1]["output"]), sample
     )
     med = {
-        name: {key: statistics.median(r[key] for r in rs) for key in ("infer_seconds", "latency_seconds")}
+        name: {
+            key: statistics.median(r[key] for r in rs)
+            for key in ("infer_seconds", "latency_seconds", "infer_cpu_seconds")
+        }
         for name, rs in runs.items()
     }
     return {
@@ -280,6 +283,7 @@ def main() -> None:
     )
     parser.add_argument("--calib-tiles", type=int, default=16, help="int8 calibration tiles (default 16)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--reuse", help="a directory kept by --keep: reuse its artifact and volume")
     parser.add_argument("--child", choices=["full", "localize"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -290,14 +294,18 @@ def main() -> None:
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("openvino", "nncf", "numpy", "zarr"))
     print(f"CPU: {cpu_model()} ({default_threads()} cores available); threads: {args.threads}")
     print(f"versions: {versions}; python {platform.python_version()}", flush=True)
-    work = Path(tempfile.mkdtemp(prefix="localize_cpu-"))
+    work = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="localize_cpu-"))
     try:
         print(f"\n[1/3] preparing in {work}", flush=True)
-        prepare(work, (32, 128, 128), args.threads, args.calib_tiles)  # the int8 artifact (tiny volume)
-        t0 = time.perf_counter()
+        if not (work / "artifact" / "manifest.yaml").is_file():
+            prepare(work, (32, 128, 128), args.threads, args.calib_tiles)  # the int8 artifact (tiny volume)
         volume = work / f"sparse.{args.format}"
-        sample = write_sparse_volume(volume, tuple(args.shape))
-        print(f"  wrote the sparse volume {tuple(args.shape)} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        t0 = time.perf_counter()
+        if args.reuse and volume.exists():
+            sample = Sample.filling(tuple(args.shape))
+        else:
+            sample = write_sparse_volume(volume, tuple(args.shape))
+        print(f"  sparse volume {tuple(args.shape)} ready ({time.perf_counter() - t0:.1f} s)", flush=True)
         print("\n[2/3] infer with and without localisation, alternating", flush=True)
         res = measure_localization(
             work / "artifact",
@@ -328,7 +336,7 @@ def main() -> None:
             f"{'MET' if met else 'NOT MET'} ({res['speedup_infer']:.2f}×, max |diff| {res['max_abs_diff_inside']:.3g})"
         )
     finally:
-        if args.keep:
+        if args.keep or args.reuse:
             print(f"\nkept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)

@@ -225,3 +225,14 @@ def test_per_axis_option_of_the_wrong_length_is_named_at_run_time():
     ):
         localizer.locate(np.zeros((1, 8, 16, 16), np.float32))
     assert sample_localizer(InferConfig.model_fields["tiling"].default_factory().localize) is None
+
+
+def test_otsu_matches_scikit_image():
+    from skimage.filters import threshold_otsu as reference
+
+    from efficientbioai.localize import threshold_otsu
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        x = np.concatenate([rng.normal(0.1, 0.02, 4000 * (k + 1)), rng.normal(0.6 + 0.1 * k, 0.1, 3000)])
+        assert threshold_otsu(x) == pytest.approx(float(reference(x)), rel=1e-6)
