@@ -17,9 +17,10 @@ cylinder), slab by slab.
 
 Why tile 32x64x64 and 1024x1024 planes: a tile runs when its inner region touches the sample, so the
 ring of partly covered tiles around it bounds the speed-up (tiles run / all tiles, for this 25% cylinder
-and overlap 0.25): tile 32x128x128 runs 84% of the tiles on 64x512x512 (at most 1.2x faster), 38% on
-64x1024x1024, 33% on 64x2048x2048; tile 32x64x64 runs 37% on 64x768x768, 33% on 64x1024x1024 and 30% on
-64x1536x1536. The fixed costs of a run (opening the engine, writing the output) do not shrink.
+and overlap 0.25): tile 32x128x128 runs 64-84% of the tiles on 64x512x512 (depending on where the
+sample sits), 38% on 64x1024x1024, 33% on 64x2048x2048; tile 32x64x64 runs 37% on 64x768x768, 33% on
+64x1024x1024 and 30% on 64x1536x1536. The fixed costs of a run (opening the engine, the localisation
+pass, writing the output) do not shrink.
 
 ``measure_localization`` is the measurement as a function (for benchmarks/scale_cpu.py);
 ``write_sparse_volume`` writes the volume in bounded memory (any size).
