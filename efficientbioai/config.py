@@ -437,6 +437,59 @@ class BackgroundConfig(_Strict):
     )
 
 
+class LocalizeConfig(_Strict):
+    """Sample localisation for sparse volumes (CT, cleared tissue; off by default).
+
+    A first pass on a block-averaged, downsampled copy of each image finds the sample (gaussian smoothing,
+    Otsu threshold, small components dropped, holes filled, grown by `margin`); only the tiles that touch
+    it run. Every tile that blends into a sample voxel runs, so the output inside the sample is the output
+    without localisation; the voxels no run tile covers get the background value (their fraction is
+    reported). Where Otsu finds no foreground the whole image runs.
+    """
+
+    enabled: bool = Field(False, description="find the sample first and run only the tiles that touch it")
+    downsample: Literal["auto"] | int | list[int] = Field(
+        "auto",
+        description="block-averaging factor of the low-resolution copy, one number or one per spatial axis "
+        "(auto: the smallest factor that keeps the copy under about 2 million voxels)",
+    )
+    sigma: float = Field(
+        1.0, ge=0, description="gaussian smoothing of the low-resolution copy, in low-resolution voxels"
+    )
+    min_size: int = Field(
+        0,
+        ge=0,
+        description="foreground components smaller than this many (full-resolution) voxels are dropped",
+    )
+    margin: Literal["auto"] | int | list[int] = Field(
+        "auto",
+        description="voxels by which the sample is grown before tiles are chosen, one number or one per "
+        "spatial axis (auto: the model's halo plus one low-resolution voxel)",
+    )
+    region: Literal["mask", "box"] = Field(
+        "mask",
+        description="run the tiles that touch the sample itself (mask) or the bounding box of each of its "
+        "connected parts (box: fewer holes, more tiles)",
+    )
+    invert: bool = Field(False, description="the sample is darker than the background (e.g. bright-field)")
+    value: float | None = Field(
+        None,
+        description="output of the skipped voxels (default: the engine's mean output, per channel, on the "
+        "flattest tile outside the sample); when set, it also applies to tiles skipped as flat background",
+    )
+
+    @field_validator("downsample", "margin")
+    @classmethod
+    def _per_axis(cls, v: Any, info) -> Any:
+        low = 1 if info.field_name == "downsample" else 0
+        values = v if isinstance(v, list) else [v] if isinstance(v, int) else []
+        if isinstance(v, list) and not 2 <= len(v) <= 3:
+            raise ValueError(f"give one number or one per spatial axis (2 or 3 values), got {len(v)}")
+        if any(x < low for x in values):
+            raise ValueError(f"values must be at least {low}, got {v}")
+        return v
+
+
 class TilingConfig(_Strict):
     """Sliding-window inference over whole images."""
 
@@ -450,6 +503,7 @@ class TilingConfig(_Strict):
     )
     batch_size: int = Field(1, ge=1, description="tiles per engine call")
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
+    localize: LocalizeConfig = Field(default_factory=LocalizeConfig)
 
 
 class InstanceConfig(_Strict):

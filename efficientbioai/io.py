@@ -179,6 +179,77 @@ def read_axes(path: str | Path) -> str | None:
     return _checked_axes(_TIFF_AXES.get(code.upper(), "?") for code in codes)
 
 
+def read_pixel_size(path: str | Path) -> dict[str, tuple[float, str | None]]:
+    """Physical pixel sizes of the image at ``path``: ``{axis: (size, unit)}`` for the spatial axes the
+    metadata states (``"z"``, ``"y"``, ``"x"``), units as OME-Zarr names (``"micrometer"``; ``None`` when
+    not given or unknown); ``{}`` when the file says nothing (``.npy``, plain zarr arrays, uncalibrated
+    TIFFs). Read from OME-XML in OME-TIFF, else the ImageJ description and resolution tags, else
+    tifffile's shaped-TIFF description, else resolution tags in cm / inches; and from OME-Zarr
+    ``multiscales`` (scale transformations of the full-resolution dataset, axes units). See
+    :mod:`efficientbioai.pixel_size`.
+    """
+    from efficientbioai import pixel_size as ps
+
+    path = Path(path)
+    if path.is_dir() and is_zarr_store(path):
+        multiscale = _zarr_multiscale(path)
+        return ps.from_multiscales(multiscale) if multiscale else {}
+    read_image(path)  # consistent errors for missing / unsupported / unreadable files
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return {}
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            tags = {
+                name: page.tags[name].value
+                for name in ("XResolution", "YResolution", "ResolutionUnit")
+                if name in page.tags
+            }
+            if tif.is_ome:
+                found = ps.from_ome_xml(tif.ome_metadata or "")
+                if found:
+                    return found
+            if tif.is_imagej:
+                return ps.from_imagej(tif.imagej_metadata, tags.get("XResolution"), tags.get("YResolution"))
+            if tif.is_shaped:
+                found = ps.from_shaped((tif.shaped_metadata or [{}])[0])
+                if found:
+                    return found
+    except Exception as exc:
+        raise EfficientBioAIError(
+            f"could not read the metadata of {path} ({type(exc).__name__}: {exc})",
+            "check that the file is a valid TIFF and not truncated",
+        ) from exc
+    return ps.from_resolution_tags(
+        tags.get("XResolution"), tags.get("YResolution"), tags.get("ResolutionUnit")
+    )
+
+
+def _zarr_multiscale(path: Path) -> dict | None:
+    """The first OME-Zarr ``multiscales`` entry of the store at ``path`` (series 0 of a bioformats2raw
+    layout), or ``None``."""
+    import zarr
+
+    try:
+        node = zarr.open(store=str(path), mode="r")
+        for _ in range(2):
+            if isinstance(node, zarr.Array):
+                return None
+            attrs = dict(node.attrs)
+            ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else {}
+            multiscales = attrs.get("multiscales") or ome.get("multiscales")
+            if multiscales and isinstance(multiscales[0], dict):
+                return multiscales[0]
+            if "bioformats2raw.layout" not in attrs or "0" not in node:
+                return None
+            node = node["0"]
+    except Exception:  # unreadable metadata: nothing to carry over (read_image reports broken stores)
+        return None
+    return None
+
+
 def _checked_axes(names: Any) -> str | None:
     """Join axis names into a string of distinct letters from ``tczyx``, or ``None``."""
     letters = []
@@ -336,11 +407,12 @@ def to_model_layout(
 
 
 def output_path(input_path: str | Path, output_dir: str | Path, fmt: str) -> Path:
-    """Where the result for ``input_path`` goes: ``<output_dir>/<input stem><.tif|.zarr>``.
+    """Where the result for ``input_path`` goes: ``<output_dir>/<input stem><.tif|.ome.tif|.zarr>``.
 
     The stem is the input name without ``.ome.tif``, ``.ome.tiff``, ``.ome.zarr``, ``.tif``, ``.tiff``,
     ``.zarr`` or ``.npy`` (matched case-insensitively; other names are kept whole). ``fmt`` is ``"tiff"``
-    (or ``"tif"``) or ``"zarr"``. Refuses a destination that is the input itself.
+    (or ``"tif"``) or ``"zarr"``; a TIFF result of an OME-TIFF input is an OME-TIFF (``.ome.tif``).
+    Refuses a destination that is the input itself.
     """
     kind = _FORMATS.get(str(fmt).lower())
     if kind not in ("tiff", "zarr"):
@@ -349,7 +421,8 @@ def output_path(input_path: str | Path, output_dir: str | Path, fmt: str) -> Pat
             "use 'tiff' (one .tif file per image) or 'zarr' (one .zarr store per image)",
         )
     stem = _stem(Path(input_path).name)
-    out = Path(output_dir).expanduser() / (stem + (".tif" if kind == "tiff" else ".zarr"))
+    suffix = ".zarr" if kind == "zarr" else ".ome.tif" if _is_ome_tiff(Path(input_path)) else ".tif"
+    out = Path(output_dir).expanduser() / (stem + suffix)
     if out.resolve() == Path(input_path).expanduser().resolve():
         raise EfficientBioAIError(
             f"the output for {input_path} would overwrite the input itself ({out})",
@@ -365,6 +438,7 @@ def write_image(
     fmt: str | None = None,
     axes: str | None = None,
     chunks: Sequence[int] | None = None,
+    pixel_size: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``array`` to ``path`` atomically and return ``path``.
 
@@ -377,6 +451,13 @@ def write_image(
     channels and one time point per chunk (axes are inferred from the number of dimensions when not
     given: ``yx``, ``zyx``, ``czyx``, ``tczyx``). Zarr data are copied slab by slab, so a lazy source
     (memory map, zarr array) is never loaded whole.
+
+    ``pixel_size`` (``{axis: (size, unit)}`` or ``{axis: size}`` for ``z``, ``y``, ``x``, as
+    :func:`read_pixel_size` returns) is recorded for the axes the file has (with ``axes=None``, ``y`` and
+    ``x`` are the last two dimensions): OME-Zarr scale and axes units (zarr needs ``axes`` in OME order
+    for that), OME-XML ``PhysicalSize*`` for ``*.ome.tif``, and for a plain TIFF an ImageJ hyperstack
+    description when the axes and data type allow it, else resolution tags plus the shaped description
+    (:func:`efficientbioai.pixel_size.tiff_options`).
 
     The data are written to ``.<name>.partial-<random>`` next to ``path`` (parent folders are created)
     and renamed over ``path`` once complete; an existing zarr store at ``path`` is moved aside, replaced
@@ -405,6 +486,9 @@ def write_image(
             "move the y and x axes last (e.g. 'czyx'), or write a plain .tif",
         )
     chunk_shape = _zarr_chunks(shape, axes, chunks, path) if kind == "zarr" else None
+    from efficientbioai.pixel_size import check_pixel_size
+
+    sizes = check_pixel_size(pixel_size, str(path))
     _check_replaceable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,9 +500,9 @@ def write_image(
     tmp = path.with_name(f".{path.name[:200]}.partial-{secrets.token_hex(_TOKEN_CHARS // 2)}")
     try:
         if kind == "tiff":
-            _write_tiff(tmp, array, axes, ome=_is_ome_tiff(path))
+            _write_tiff(tmp, array, axes, ome=_is_ome_tiff(path), pixel_size=sizes)
         elif kind == "zarr":
-            _write_zarr(tmp, array, axes, chunk_shape, name=_stem(path.name))
+            _write_zarr(tmp, array, axes, chunk_shape, name=_stem(path.name), pixel_size=sizes)
         else:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(array), allow_pickle=False)
@@ -512,13 +596,13 @@ def _zarr_chunks(
     return tuple(out)
 
 
-def _write_tiff(tmp: Path, array: Any, axes: str | None, ome: bool) -> None:
+def _write_tiff(tmp: Path, array: Any, axes: str | None, ome: bool, pixel_size: dict | None = None) -> None:
     import tifffile
 
-    metadata = {"axes": axes.upper()} if axes else {}
-    tifffile.imwrite(
-        tmp, np.asarray(array), imagej=False, ome=ome, photometric="minisblack", metadata=metadata
-    )
+    from efficientbioai.pixel_size import tiff_options
+
+    options = tiff_options(pixel_size or {}, axes, array.dtype, ome)
+    tifffile.imwrite(tmp, np.asarray(array), photometric="minisblack", **options)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
 
@@ -529,9 +613,18 @@ def _zarr_format_kwargs() -> dict[str, Any]:
     return {"zarr_format": 2} if int(zarr.__version__.split(".")[0]) >= 3 else {}
 
 
-def _write_zarr(tmp: Path, array: Any, axes: str | None, chunks: tuple[int, ...] | None, name: str) -> None:
+def _write_zarr(
+    tmp: Path,
+    array: Any,
+    axes: str | None,
+    chunks: tuple[int, ...] | None,
+    name: str,
+    pixel_size: dict | None = None,
+) -> None:
     import zarr
     from numcodecs import Blosc
+
+    from efficientbioai.pixel_size import ome_zarr_axes
 
     fmt = _zarr_format_kwargs()
     group = zarr.open_group(store=str(tmp), mode="w", **fmt)
@@ -549,17 +642,14 @@ def _write_zarr(tmp: Path, array: Any, axes: str | None, chunks: tuple[int, ...]
     if axes is not None:
         target.attrs["_ARRAY_DIMENSIONS"] = list(axes)
         if _is_ome_order(axes):
-            kinds = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+            entries, scale = ome_zarr_axes(axes, pixel_size or {})
             group.attrs["multiscales"] = [
                 {
                     "version": "0.4",
                     "name": name,
-                    "axes": [{"name": a, "type": kinds[a]} for a in axes],
+                    "axes": entries,
                     "datasets": [
-                        {
-                            "path": "0",
-                            "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(axes)}],
-                        }
+                        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
                     ],
                 }
             ]

@@ -410,7 +410,7 @@ def test_partial_outputs_listing_and_removal(tmp_path):
 @pytest.mark.parametrize(
     "name, fmt, expected",
     [
-        ("cells.ome.tif", "tiff", "cells.tif"),
+        ("cells.ome.tif", "tiff", "cells.ome.tif"),  # OME-TIFF in, OME-TIFF out (pixel sizes kept)
         ("cells.OME.TIFF", "zarr", "cells.zarr"),
         ("cells.tiff", "tif", "cells.tif"),
         ("cells.tif", "zarr", "cells.zarr"),

@@ -23,7 +23,7 @@ from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
 from efficientbioai.engines import default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.pipeline import energy_note, output_paths, target_files
-from efficientbioai.io import expand_paths, read_axes, read_image, write_image
+from efficientbioai.io import expand_paths, read_axes, read_image, read_pixel_size, write_image
 from efficientbioai.models.cellpose import cellpose_spec, parse_channels
 from efficientbioai.report import table
 
@@ -323,7 +323,7 @@ def infer_cellpose(
                 )
             masks = results[0].masks
             dtype = np.uint16 if masks.max(initial=0) < 2**16 else np.uint32
-            write_image(opath, masks.astype(dtype), axes="yx")
+            write_image(opath, masks.astype(dtype), axes="yx", pixel_size=read_pixel_size(path))
             if len(results) == 2:
                 record.agreement = average_precision(results[1].masks, results[0].masks)
             records.append(record)

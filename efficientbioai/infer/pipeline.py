@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from efficientbioai import metrics
-from efficientbioai.config import InferConfig, ModelConfig
+from efficientbioai.config import InferConfig, LocalizeConfig, ModelConfig
 from efficientbioai.energy import (
     EnergyMeter,
     EnergyReading,
@@ -21,7 +21,16 @@ from efficientbioai.energy import (
 from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.predict import Prediction, Predictor
-from efficientbioai.io import expand_paths, output_path, read_axes, read_image, to_model_layout, write_image
+from efficientbioai.io import (
+    expand_paths,
+    output_path,
+    read_axes,
+    read_image,
+    read_pixel_size,
+    to_model_layout,
+    write_image,
+)
+from efficientbioai.localize import SampleLocalizer
 from efficientbioai.manifest import read_manifest
 from efficientbioai.models.base import sha256
 from efficientbioai.report import table
@@ -181,6 +190,7 @@ class RunRecord:
     tiles: int = 0
     skipped: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    skipped_fraction: float | None = None  # voxels no engine computed (background value), of all voxels
 
     def as_dict(self) -> dict[str, Any]:
         e = self.energy
@@ -192,6 +202,7 @@ class RunRecord:
             "energy_method": e.method if e else None,
             "tiles": self.tiles,
             "skipped_tiles": self.skipped,
+            "skipped_voxel_fraction": self.skipped_fraction,
             "metrics": self.metrics,
         }
 
@@ -217,7 +228,17 @@ class InferResult:
         for im in self.images:
             for r in im.runs:
                 metric_names += [k for k in r.metrics if k not in metric_names]
-        header = ["image", "engine", "latency", "Mvoxel/s", "energy", "tiles (skipped)", *metric_names]
+        skipping = any(r.skipped for im in self.images for r in im.runs)
+        header = [
+            "image",
+            "engine",
+            "latency",
+            "Mvoxel/s",
+            "energy",
+            "tiles (skipped)",
+            *(["voxels skipped"] if skipping else []),
+            *metric_names,
+        ]
         rows = []
         totals: dict[str, list[float]] = {}
         for im in self.images:
@@ -230,6 +251,7 @@ class InferResult:
                         f"{r.voxels / r.seconds / 1e6:.2f}" if r.seconds else "-",
                         format_energy(r.energy) if r.energy else "-",
                         f"{r.tiles} ({r.skipped})" if r.tiles else "-",
+                        *([_percent(r.skipped_fraction)] if skipping else []),
                         *[f"{r.metrics[k]:.4f}" if k in r.metrics else "-" for k in metric_names],
                     ]
                 )
@@ -249,6 +271,7 @@ class InferResult:
                         f"{vox / sec / 1e6:.2f}",
                         "-" if np.isnan(joules) else f"{joules:.1f} J",
                         "",
+                        *([""] if skipping else []),
                         *[""] * len(metric_names),
                     ]
                 )
@@ -339,6 +362,10 @@ def output_paths(cfg: InferConfig, files: list[Path]) -> list[Path]:
     return paths
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.1%}"
+
+
 def energy_note(readings: list[EnergyReading | None]) -> str | None:
     """'energy: <how it was obtained> — <sources>' for the readings that have a figure."""
     return energy_summary(readings)
@@ -366,6 +393,34 @@ def _predictor(cfg: InferConfig, manifest: dict[str, Any], engine: Engine) -> Pr
         batch_size=cfg.tiling.batch_size,
         skip_background=cfg.tiling.background.skip,
         background_threshold=cfg.tiling.background.threshold,
+        localizer=sample_localizer(cfg.tiling.localize),
+    )
+
+
+def sample_localizer(cfg: LocalizeConfig) -> SampleLocalizer | None:
+    """The ``tiling.localize`` options as a :class:`SampleLocalizer` (``None`` when disabled)."""
+    if not cfg.enabled:
+        return None
+    return SampleLocalizer(
+        downsample=None if cfg.downsample == "auto" else cfg.downsample,
+        sigma=cfg.sigma,
+        min_size=cfg.min_size,
+        margin=None if cfg.margin == "auto" else cfg.margin,
+        region=cfg.region,
+        invert=cfg.invert,
+        value=cfg.value,
+    )
+
+
+def localization_note(pred: Prediction) -> str:
+    """One line on what sample localisation found in an image."""
+    loc = pred.localization
+    if not loc.found:
+        return "sample localisation found no foreground; the whole image was run"
+    return (
+        f"sample in {len(loc.regions)} region(s) (downsampled {'x'.join(map(str, loc.factor))}, Otsu "
+        f"threshold {loc.threshold:.4g}); {pred.skipped} of {pred.tiles} tiles skipped, "
+        f"{pred.skipped_fraction:.1%} of the voxels hold the background value"
     )
 
 
@@ -496,14 +551,21 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     m.reading,
                     tiles=sum(p.tiles for p in preds),
                     skipped=sum(p.skipped for p in preds),
+                    skipped_fraction=sum(p.skipped_fraction for p in preds) / len(preds),
                 )
                 record.runs.append(run)
+                for p in preds:
+                    if p.localization is not None and e_idx == 0:
+                        _log(f"  {path.name}: {localization_note(p)}", quiet)
             out_axes = ("b" if len(images) > 1 else "") + (
                 ("c" if outputs[0].ndim > len(model_axes) - 2 + (len(images) > 1) else "") + model_axes[2:]
             )
-            write_image(
-                opath, outputs[0], axes=None if "b" in out_axes else out_axes
-            )  # no b in TIFF/OME axes
+            write_image(  # no b in TIFF/OME axes; the input's pixel sizes carried over
+                opath,
+                outputs[0],
+                axes=None if "b" in out_axes else out_axes,
+                pixel_size=read_pixel_size(path),
+            )
             if tpath is not None:
                 target = _read_target(tpath, outputs[0].shape, model_axes)
                 for run, out in zip(record.runs, outputs, strict=True):

@@ -18,6 +18,7 @@ import numpy as np
 
 from efficientbioai.engines import Engine
 from efficientbioai.errors import EfficientBioAIError
+from efficientbioai.localize import uncovered_fraction
 from efficientbioai.processing import apply_steps
 from efficientbioai.tiling import (
     Blender,
@@ -55,6 +56,8 @@ class Prediction:
     skipped: int = 0
     background_threshold: float | None = None
     tile_shape: tuple[int, ...] = ()
+    skipped_fraction: float = 0.0  # of the voxels, covered by no run tile (they hold the background value)
+    localization: Any = None  # efficientbioai.localize.Localization when sample localisation ran
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Predictor:
     batch_size: int = 1
     skip_background: bool = False
     background_threshold: float | None = None
+    localizer: Any = None  # efficientbioai.localize.SampleLocalizer: skip the tiles outside the sample
 
     def grid(self, spatial_shape: Sequence[int]) -> TileGrid:
         return TileGrid.build(
@@ -116,6 +120,10 @@ class Predictor:
                 threshold = estimate_background_threshold(stats)
             run = [t for t, s in zip(tiles, stats, strict=True) if s >= threshold]
             skipped = [t for t, s in zip(tiles, stats, strict=True) if s < threshold]
+        selection = None
+        if self.localizer is not None:  # tiles outside the sample join the skipped ones
+            selection = self.localizer.select(image, grid, run, halo=self.halo)
+            run, skipped = selection.run, skipped + selection.outside
 
         blender = Blender(grid, self.out_channels, self.blend)
         if progress is not None:
@@ -140,7 +148,11 @@ class Predictor:
                 progress.update(len(chunk))
 
         if skipped:
-            value = self._background_value(source, grid, skipped, pre_tile, post_tile, image)
+            if self.localizer is not None and self.localizer.value is not None:
+                value = np.full(self.out_channels, self.localizer.value, np.float32)
+            else:
+                flattest = selection.background_tile if selection is not None else None
+                value = self._background_value(source, grid, skipped, pre_tile, post_tile, image, flattest)
             for t in skipped:
                 blender.add_constant(t, value)
             if progress is not None:
@@ -156,6 +168,8 @@ class Predictor:
             skipped=len(skipped),
             background_threshold=threshold,
             tile_shape=grid.tile,
+            skipped_fraction=uncovered_fraction(grid, run) if skipped else 0.0,
+            localization=selection.localization if selection is not None else None,
         )
 
     def _check(self, out: np.ndarray, grid: TileGrid) -> np.ndarray:
@@ -172,9 +186,12 @@ class Predictor:
             )
         return out
 
-    def _background_value(self, source, grid, skipped: list[Tile], pre_tile, post_tile, image) -> np.ndarray:
-        """The engine's mean output (per channel) on the flattest skipped tile."""
-        flattest = min(skipped, key=lambda t: _cheap_statistic(image, t))
+    def _background_value(
+        self, source, grid, skipped: list[Tile], pre_tile, post_tile, image, flattest: Tile | None = None
+    ) -> np.ndarray:
+        """The engine's mean output (per channel) on the flattest skipped tile (or on ``flattest``)."""
+        if flattest is None:
+            flattest = min(skipped, key=lambda t: _cheap_statistic(image, t))
         x = grid.read(source, flattest)[np.newaxis]
         if pre_tile:
             x = apply_steps(x, pre_tile, self.axes)
