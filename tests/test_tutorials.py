@@ -33,7 +33,7 @@ def run_tutorial(name: str, workdir: Path) -> str:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     picture = workdir / "picture.png"
     with Image.open(picture) as im:
-        assert im.format == "PNG" and im.width > 4 * im.height  # a row of four panels
+        assert im.format == "PNG" and im.width > 3 * im.height  # a row of four panels
     assert picture.stat().st_size < 200_000
     return proc.stdout
 

@@ -1,6 +1,6 @@
 """Tutorial 1: a bioimage.io model → int8 engine → a folder of TIFFs → the report (→ bioimage.io again).
 
-python run.py            # full run, about a minute on 2 cores
+python run.py            # full run (minutes)
 python run.py --quick    # small images, a check that everything runs
 """
 

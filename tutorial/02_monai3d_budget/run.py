@@ -1,7 +1,7 @@
 """Tutorial 2: train a 3D MONAI UNet on generated volumes, compress it within an accuracy budget
 (`quantize.strategy: auto`, with pruning), denoise a zarr volume with the chosen engine.
 
-    python run.py            # full run, a few minutes on 2 cores
+    python run.py            # full run (minutes)
     python run.py --quick    # a narrow network, few steps, small volumes: a check that everything runs
 """
 

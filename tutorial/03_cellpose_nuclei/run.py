@@ -1,7 +1,7 @@
 """Tutorial 3: Cellpose nuclei — train (or bring) a cellpose network, compress it to int8, segment
 images with cellpose running the engine, and score the masks (AP) against the ground truth.
 
-    python run.py            # full run, a few minutes on 2 cores
+    python run.py            # full run (minutes)
     python run.py --quick    # a narrow network, few epochs, one small image: a check that it runs
 
 Needs the cellpose extra: pip install "efficientbioai[cellpose]"

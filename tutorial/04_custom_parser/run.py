@@ -1,6 +1,6 @@
 """Tutorial 4: your own PyTorch network through a custom parser (mylab/parsers.py) → int8 → inference.
 
-python run.py            # full run, about a minute on 2 cores
+python run.py            # full run (minutes)
 python run.py --quick    # few training steps, small images: a check that everything runs
 """
 
