@@ -1,7 +1,7 @@
 """Pruning + int8 on a trained 3D U-Net with efficientbioai's defaults: safe, and still faster?
 
     python benchmarks/prune_cpu.py [--threads 2] [--train-steps 1000] [--repeats 20] [--no-auto]
-                                   [--weights unet3d.pt]   (reuse the trained network across runs)
+                                   [--tile 32 128 128] [--weights unet3d.pt]   (reuse the trained network)
 
 The network is the 3D benchmark model of ``benchmarks/compress_cpu.py`` (MONAI UNet, channels 16…256,
 2 residual units), first *trained* here for a few minutes to denoise generated 3D nuclei volumes
@@ -21,7 +21,7 @@ builds the artifacts from it through the public API, with the config a new user 
                                 (stopping at the first ratio that misses the budget); the fastest
                                 candidate within the budget is kept
 
-Every engine is timed on the same 1×1×32×128×128 tile (network only) in interleaved rounds (each round
+Every engine is timed on the same tile (default 1×1×32×128×128, `--tile`) (network only) in interleaved rounds (each round
 runs every engine once, in a rotating order) with the same threads; medians. Fidelity is what `compress`
 measured on its held-out tiles (Pearson r against the original network); "r vs truth" scores a test tile
 against the clean volume the noisy input was made from.
@@ -55,7 +55,6 @@ from efficientbioai.errors import FidelityError  # noqa: E402
 from efficientbioai.report import human_bytes, human_count, table  # noqa: E402
 from efficientbioai.synthetic import nuclei  # noqa: E402
 
-TILE = (32, 128, 128)
 NOISE = 0.25
 MAX_PEARSON_DROP = 0.01  # the default budget
 
@@ -102,6 +101,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=1000)
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument(
+        "--tile",
+        type=int,
+        nargs=3,
+        default=[32, 128, 128],
+        help="calibration, fine-tuning and timing tile (the network's InstanceNorm learns its size)",
+    )
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip the strategy auto row")
     ap.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds")
     ap.add_argument("--weights", type=Path, help="reuse (or, if absent, save) the trained network here")
@@ -115,7 +121,8 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, {args.threads} threads, torch {torch.__version__}", flush=True)
     t0 = time.perf_counter()
     train_data = volumes(3, (48, 160, 160), seed0=0)
-    test_noisy, test_clean = volumes(1, TILE, seed0=100)[0]
+    tile = tuple(args.tile)
+    test_noisy, test_clean = volumes(1, tile, seed0=100)[0]
     reused = args.weights is not None and args.weights.is_file()
     if reused:
         from monai.networks.nets import UNet
@@ -158,7 +165,7 @@ def main() -> None:
             "calibration": {
                 "images": str(tmp / "images" / "*.tif"),
                 "num_tiles": 32,
-                "tile_shape": list(TILE),
+                "tile_shape": list(tile),
             },
             "fidelity": {"num_tiles": 8},
             "engine": {"threads": args.threads, "latency_repeats": 5},
@@ -250,7 +257,7 @@ def main() -> None:
                 ],
                 rows,
                 title=f"3D MONAI UNet 16-256 (trained {args.train_steps} steps to denoise): tile "
-                f"{(1, 1, *TILE)}, {args.threads} threads, {args.repeats} interleaved rounds",
+                f"{(1, 1, *tile)}, {args.threads} thread(s), {args.repeats} interleaved rounds (network only)",
             )
         )
         budget_rows = [n for n, m in manifests.items() if m["strategy"]["budget"] is not None]

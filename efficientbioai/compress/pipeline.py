@@ -480,6 +480,7 @@ class Candidate:
             "pearson": self.fidelity.get("pearson"),
             "metric_drop": self.drop,
             "float_layers": next((s.get("float_layers") for s in self.steps if "float_layers" in s), None),
+            "fine_tune": next((s for s in self.steps if s.get("step") == "fine_tune"), None),
         }
 
 
@@ -839,6 +840,13 @@ def _over_budget_problem(candidates: list[Candidate], budget: _Budget | None) ->
             tried.append(f"{c.name}: " + "; ".join(c.problems))
         else:
             tried.append(f"{c.name}: {c.status}")
+        ft = next((s for s in c.steps if s.get("step") == "fine_tune"), None)
+        if ft and not c.fallback and ft.get("steps"):
+            r = ft["validation_pearson_to_original"]
+            tried[-1] += (
+                f" (fine-tuned {ft['steps']} steps, validation r {r['before']:.4f} → {r['best']:.4f}; "
+                f"{ft['stopped']})"
+            )
     return f"no compressed model stays within {limit} on the held-out tiles — " + " | ".join(tried)
 
 
