@@ -14,8 +14,17 @@ from efficientbioai.config import InferConfig, ModelConfig
 from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
 from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
+from efficientbioai.infer.outofcore import fingerprint, output_layout, predict_to_output, use_out_of_core
 from efficientbioai.infer.predict import Prediction, Predictor
-from efficientbioai.io import expand_paths, output_path, read_axes, read_image, to_model_layout, write_image
+from efficientbioai.io import (
+    ChunkedOutput,
+    expand_paths,
+    output_path,
+    read_axes,
+    read_image,
+    to_model_layout,
+    write_image,
+)
 from efficientbioai.manifest import read_manifest
 from efficientbioai.models.base import sha256
 from efficientbioai.report import table
@@ -400,6 +409,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         engines.append(open_original(manifest, threads))
     predictors = [_predictor(cfg, manifest, e) for e in engines]
     meter = EnergyMeter(enabled=cfg.energy)
+    band_bytes = cfg.tiling.band_memory_mb << 20
     records: list[ImageRecord] = []
     warmed = set()
     try:
@@ -435,6 +445,52 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 records.append(record)
                 continue
             _log(f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}", quiet)
+            out_channels = manifest["output"]["channels"]
+            if use_out_of_core(
+                cfg.tiling.out_of_core,
+                opath,
+                voxels,
+                out_channels,
+                band_bytes,
+                predictors[0].post,
+                compare=len(engines) > 1,
+            ):
+                predictor = predictors[0]
+                if 0 not in warmed:
+                    predictor.warm_up(images[0].shape[0])
+                    warmed.add(0)
+                layout = output_layout(
+                    spatial, model_axes, out_channels, len(images), predictor.grid(spatial).inner, band_bytes
+                )
+                out = ChunkedOutput(
+                    opath,
+                    layout.shape,
+                    np.float32,
+                    axes=layout.axes,
+                    chunks=layout.chunks,
+                    fingerprint=fingerprint(path, directory, predictor),
+                )
+                if out.resumed:
+                    _log(f"  resuming {opath.name}: {sum(map(len, out._done.values()))} chunk slab(s) done", quiet)
+                with meter.measure() as m, tqdm(
+                    desc=f"{path.name} · {engines[0].label} (out of core)", unit="tile", disable=quiet, leave=False
+                ) as bar:
+                    preds = predict_to_output(predictor, images, out, layout, progress=bar)
+                out.commit()
+                run = RunRecord(
+                    engines[0].label,
+                    sum(p.seconds for p in preds),
+                    voxels,
+                    m.reading,
+                    tiles=sum(p.tiles for p in preds),
+                    skipped=sum(p.skipped for p in preds),
+                )
+                record.runs.append(run)
+                if tpath is not None:
+                    written = np.asarray(read_image(opath), np.float32)
+                    run.metrics = _metrics(cfg, task, written, _read_target(tpath, written.shape, model_axes))
+                records.append(record)
+                continue
             outputs = []
             for e_idx, (engine, predictor) in enumerate(zip(engines, predictors, strict=True)):
                 if e_idx not in warmed:
