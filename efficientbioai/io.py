@@ -332,6 +332,65 @@ def to_model_layout(
     return np.transpose(arr, [axes.index(a) for a in "c" + spatial])
 
 
+class LazyLayout:
+    """A lazily-read (C, *spatial) view of an array whose axes only need size-1 axes dropped and/or a
+    channel axis added (no transposition): slicing it reads only the sliced part of the array."""
+
+    def __init__(self, array: Any, index: tuple, add_channel: bool):
+        self.array, self._index, self._add_channel = array, index, add_channel
+        kept = [n for n, i in zip(array.shape, index, strict=True) if isinstance(i, slice)]
+        self.shape = ((1,) if add_channel else ()) + tuple(int(n) for n in kept)
+        self.ndim = len(self.shape)
+        self.dtype = array.dtype
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if self._add_channel:
+            channel, key = key[0], key[1:]
+        it = iter(key)
+        full = tuple(next(it) if isinstance(i, slice) else i for i in self._index)
+        data = np.asarray(self.array[full])
+        return data[np.newaxis][channel] if self._add_channel else data
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[(slice(None),) * self.ndim]
+        return data.astype(dtype) if dtype is not None else data
+
+
+def lazy_model_layout(image: Any, image_axes: str | None, model_axes: str, source: str = "image") -> Any:
+    """Like :func:`to_model_layout`, but a lazily-read image (zarr array, memory map) whose axes are
+    already in the model's order up to size-1 axes (``t``, ``b``, ``z`` of a 2D model) and a missing
+    channel axis is returned as a :class:`LazyLayout` view, never loaded whole (e.g. an OME-Zarr ``tczyx``
+    level 0). Other images are rearranged (and loaded) by :func:`to_model_layout`."""
+    spatial = model_axes.replace("b", "").replace("c", "")
+    if isinstance(image, np.ndarray) and not isinstance(image, np.memmap):
+        return to_model_layout(image, image_axes, model_axes, source)
+    axes = image_axes.lower() if image_axes else None
+    if axes is None:
+        axes = (
+            spatial
+            if image.ndim == len(spatial)
+            else "c" + spatial
+            if image.ndim == len(spatial) + 1
+            else None
+        )
+    if axes is not None and len(axes) == image.ndim:
+        index, kept = [], ""
+        for a, n in zip(axes, image.shape, strict=True):
+            if a in spatial or a == "c":
+                index.append(slice(None))
+                kept += a
+            elif n == 1:
+                index.append(0)
+            else:
+                index = None
+                break
+        if index is not None and kept.replace("c", "") == spatial and kept in (spatial, "c" + spatial):
+            return LazyLayout(image, tuple(index), add_channel="c" not in kept)
+    return to_model_layout(image, image_axes, model_axes, source)
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 

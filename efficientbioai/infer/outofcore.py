@@ -103,7 +103,9 @@ def output_layout(
         rest = [int(np.gcd(r, b)) for r, b in zip(rest, block[1:], strict=True)]
     chunks = ((1,) if batch else ()) + ((channels,) if channel else ()) + (slab, *rest)
     shape = ((samples,) if batch else ()) + ((channels,) if channel else ()) + spatial
-    return OutputLayout(shape, None if batch else axes, chunks, int(batch) + int(channel), batch, channel, slab)
+    return OutputLayout(
+        shape, None if batch else axes, chunks, int(batch) + int(channel), batch, channel, slab
+    )
 
 
 def fingerprint(input_path: Path, artifact: Path, predictor: Predictor, extra: Any = None) -> str:

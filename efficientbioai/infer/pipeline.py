@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,14 @@ from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
 from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.outofcore import fingerprint, output_layout, predict_to_output, use_out_of_core
-from efficientbioai.infer.predict import Prediction, Predictor
+from efficientbioai.infer.predict import Prediction, Predictor, split_pointwise
 from efficientbioai.io import (
     ChunkedOutput,
     expand_paths,
+    lazy_model_layout,
     output_path,
     read_axes,
     read_image,
-    to_model_layout,
     write_image,
 )
 from efficientbioai.manifest import read_manifest
@@ -125,28 +126,9 @@ def open_original(manifest: dict[str, Any], threads: int) -> Engine:
 # ------------------------------------------------------------------------------------------- images
 
 
-class _WithChannel:
-    """A lazy (C=1, *spatial) view of a lazily-read spatial array (e.g. a zarr array)."""
-
-    def __init__(self, array):
-        self.array = array
-        self.shape = (1, *array.shape)
-        self.ndim = len(self.shape)
-        self.dtype = array.dtype
-
-    def __getitem__(self, key):
-        return np.asarray(self.array[key[1:]])[np.newaxis][key[0]]
-
-
 def model_layout(image, axes: str | None, model_axes: str, source: str):
-    """(C, *spatial) without loading lazily-read arrays that are already in the model's order."""
-    spatial = model_axes[2:]
-    if not isinstance(image, np.ndarray):
-        if axes in (None, spatial) and image.ndim == len(spatial):
-            return _WithChannel(image)
-        if axes in (None, "c" + spatial) and image.ndim == len(spatial) + 1:
-            return image
-    return to_model_layout(image, axes, model_axes, source)
+    """(C, *spatial) without loading lazily-read arrays (see :func:`~efficientbioai.io.lazy_model_layout`)."""
+    return lazy_model_layout(image, axes, model_axes, source)
 
 
 def split_batch(image, axes: str | None, source: str) -> list:
@@ -381,6 +363,166 @@ def _squeeze_channel(x: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else x
 
 
+def _open_samples(path: Path, cfg: InferConfig, manifest: dict[str, Any]):
+    """(raw array, axes, [(C, *spatial) samples]) of one input, read lazily where possible."""
+    model_axes = manifest["input"]["axes"]
+    raw = read_image(path)
+    axes = cfg.axes or read_axes(path)
+    samples = split_batch(raw, axes, str(path))
+    sample_axes = axes.replace("b", "") if axes else None
+    images = [model_layout(s, sample_axes, model_axes, f"input: {path}") for s in samples]
+    for im in images:
+        if im.shape[0] != manifest["input"]["channels"]:
+            raise EfficientBioAIError(
+                f"input: {path} has {im.shape[0]} channel(s) (axes '{sample_axes or 'inferred'}') but "
+                f"the model takes {manifest['input']['channels']}",
+                "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
+            )
+    return raw, axes, images
+
+
+def _infer_distributed(
+    cfg: InferConfig,
+    directory: Path,
+    manifest: dict[str, Any],
+    files: list[Path],
+    targets: list[Path | None],
+    out_paths: list[Path],
+    predictor: Predictor,
+    quiet: bool,
+) -> list[ImageRecord]:
+    """Every block of every image as one Dask task stream (see :mod:`efficientbioai.infer.distributed`)."""
+    from dask.distributed import as_completed
+
+    from efficientbioai.infer.distributed import (
+        BlockJob,
+        blocks,
+        check_block,
+        close_client,
+        run_block,
+        start_client,
+    )
+
+    dcfg = cfg.distributed
+    model_axes = manifest["input"]["axes"]
+    out_channels = manifest["output"]["channels"]
+    band_bytes = cfg.tiling.band_memory_mb << 20
+    task = (
+        cfg.task or (manifest.get("fidelity") or {}).get("task") or ("restoration" if cfg.targets else None)
+    )
+    records: list[ImageRecord] = []
+    pending: dict[int, dict[str, Any]] = {}  # image number → its output, blocks and record
+    jobs: list[tuple[int, tuple[int, int], BlockJob]] = []
+    for k, (path, opath) in enumerate(zip(files, out_paths, strict=True)):
+        raw, axes, images = _open_samples(path, cfg, manifest)
+        spatial = tuple(images[0].shape[1:])
+        voxels = int(np.prod(spatial)) * len(images)
+        record = ImageRecord(path, opath, tuple(raw.shape), "done")
+        records.append(record)
+        if opath.exists() and not cfg.overwrite:
+            _log(
+                f"[{k + 1}/{len(files)}] {path.name}: {opath} exists, skipped (overwrite: true recomputes)",
+                quiet,
+            )
+            record.status = "exists"
+            record.runs.append(RunRecord(predictor.engine.label, None, voxels, None))
+            continue
+        whole_post = split_pointwise(predictor.post)[1]
+        if whole_post:
+            raise ConfigError(
+                "distributed: the model's post-processing needs whole-image statistics "
+                f"({', '.join(s['id'] for s in whole_post)})",
+                "remove the distributed section",
+            )
+        block = check_block(dcfg.block_shape, spatial)
+        grid = predictor.grid(spatial)
+        layout = output_layout(spatial, model_axes, out_channels, len(images), grid.inner, band_bytes, block)
+        out = ChunkedOutput(
+            opath,
+            layout.shape,
+            np.float32,
+            axes=layout.axes,
+            chunks=layout.chunks,
+            fingerprint=fingerprint(path, directory, predictor, ["distributed", block]),
+        )
+        regions = blocks(spatial, block)
+        n_jobs = 0
+        for i, im in enumerate(images):
+            plan = predictor.plan(im)  # small: sent to every task of this sample
+            done = out.done(i)
+            for b, region in enumerate(regions):
+                if b in done:
+                    continue
+                job = BlockJob(
+                    cfg,
+                    directory,
+                    cfg.backend,
+                    dcfg.engine_threads or dcfg.threads_per_worker,
+                    path,
+                    axes,
+                    i,
+                    plan,
+                    out.store,
+                    layout,
+                    region,
+                )
+                jobs.append((k, (i, b), job))
+                n_jobs += 1
+        pending[k] = {"out": out, "left": n_jobs, "voxels": voxels, "record": record, "tpath": targets[k]}
+        skipped = int(plan.skipped.sum()) * len(images)
+        _log(
+            f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}: {n_jobs} block(s) of {list(block)}"
+            + (f" ({len(regions) * len(images) - n_jobs} already written)" if out.resumed else ""),
+            quiet,
+        )
+        pending[k]["tiles"], pending[k]["skipped"] = len(grid) * len(images), skipped
+
+    client, cluster = start_client(dcfg, quiet)
+    t_start = last = time.perf_counter()
+    try:
+        futures = {}
+        for k, unit, job in jobs:
+            fut = client.submit(run_block, job, pure=False)
+            futures[fut] = (k, unit)
+
+        def commit(k: int) -> None:
+            nonlocal last
+            item = pending.pop(k)
+            item["out"].commit()
+            now = time.perf_counter()
+            rec = item["record"]
+            run = RunRecord(
+                predictor.engine.label + f" (dask, {dcfg.n_workers} workers)",
+                now - last,  # wall time since the previous output was finished: sums to the stream's
+                item["voxels"],
+                None,
+                tiles=item["tiles"],
+                skipped=item["skipped"],
+            )
+            last = now
+            rec.runs.append(run)
+            if item["tpath"] is not None:
+                written = np.asarray(read_image(rec.output), np.float32)
+                run.metrics = _metrics(
+                    cfg, task, written, _read_target(item["tpath"], written.shape, model_axes)
+                )
+
+        for k in [k for k, item in pending.items() if item["left"] == 0]:
+            commit(k)
+        for fut in as_completed(list(futures)):
+            k, unit = futures.pop(fut)
+            fut.result()  # a failed block raises here; the finished ones stay recorded for a rerun
+            item = pending[k]
+            item["out"].mark(*unit)  # (sample, block): a rerun skips it
+            item["left"] -= 1
+            if item["left"] == 0:
+                commit(k)
+    finally:
+        close_client(client, cluster)
+    _log(f"distributed: {time.perf_counter() - t_start:.2f} s for {len(jobs)} block task(s)", quiet)
+    return records
+
+
 def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
     """Run the artifact's engine (and, if asked, the original model) over every input image."""
     from tqdm.auto import tqdm
@@ -402,6 +544,12 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         task = "restoration"
     out_paths = output_paths(cfg, files)
 
+    if cfg.distributed is not None and cfg.compare_with_original:
+        raise ConfigError(
+            "distributed: cannot be combined with compare_with_original (the comparison holds both whole "
+            "outputs in memory on one machine)",
+            "set compare_with_original: false, or remove the distributed section",
+        )
     _log(f"loading engine from {directory}", quiet)
     engines: list[Engine] = [open_engine(directory, manifest, cfg.backend, threads)]
     if cfg.compare_with_original and cfg.backend != "torch":
@@ -412,20 +560,18 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
     band_bytes = cfg.tiling.band_memory_mb << 20
     records: list[ImageRecord] = []
     warmed = set()
+    if cfg.distributed is not None:
+        try:
+            records = _infer_distributed(
+                cfg, directory, manifest, files, targets, out_paths, predictors[0], quiet
+            )
+        finally:
+            engines[0].close()
+            meter.close()
+        return InferResult(records, task, threads)
     try:
         for k, (path, tpath, opath) in enumerate(zip(files, targets, out_paths, strict=True)):
-            raw = read_image(path)
-            axes = cfg.axes or read_axes(path)
-            samples = split_batch(raw, axes, str(path))
-            sample_axes = axes.replace("b", "") if axes else None
-            images = [model_layout(s, sample_axes, model_axes, f"input: {path}") for s in samples]
-            for im in images:
-                if im.shape[0] != manifest["input"]["channels"]:
-                    raise EfficientBioAIError(
-                        f"input: {path} has {im.shape[0]} channel(s) (axes '{sample_axes or 'inferred'}') but "
-                        f"the model takes {manifest['input']['channels']}",
-                        "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
-                    )
+            raw, _, images = _open_samples(path, cfg, manifest)
             spatial = tuple(images[0].shape[1:])
             voxels = int(np.prod(spatial)) * len(images)
             record = ImageRecord(path, opath, tuple(raw.shape), "done")
@@ -471,10 +617,19 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     fingerprint=fingerprint(path, directory, predictor),
                 )
                 if out.resumed:
-                    _log(f"  resuming {opath.name}: {sum(map(len, out._done.values()))} chunk slab(s) done", quiet)
-                with meter.measure() as m, tqdm(
-                    desc=f"{path.name} · {engines[0].label} (out of core)", unit="tile", disable=quiet, leave=False
-                ) as bar:
+                    _log(
+                        f"  resuming {opath.name}: {sum(map(len, out._done.values()))} chunk slab(s) done",
+                        quiet,
+                    )
+                with (
+                    meter.measure() as m,
+                    tqdm(
+                        desc=f"{path.name} · {engines[0].label} (out of core)",
+                        unit="tile",
+                        disable=quiet,
+                        leave=False,
+                    ) as bar,
+                ):
                     preds = predict_to_output(predictor, images, out, layout, progress=bar)
                 out.commit()
                 run = RunRecord(

@@ -154,7 +154,9 @@ class Predictor:
         value = self.background_value(image, grid, tiles, skipped, pre_tile) if any(skipped) else None
         return Plan(grid, pre_tile, np.asarray(skipped, bool), threshold, value)
 
-    def __call__(self, image, progress: Any = None, *, merger: Merger | None = None, plan: Plan | None = None):
+    def __call__(
+        self, image, progress: Any = None, *, merger: Merger | None = None, plan: Plan | None = None
+    ):
         """Predict the (C, *spatial) ``image``; the result goes to ``merger`` (default: in memory).
 
         Tiles are visited in grid order; tiles the merger no longer needs (finished regions of a resumed
