@@ -132,3 +132,53 @@ def test_jobqueue_schedulers_validate_with_their_kwargs(tmp_path, artifact3d, vo
     assert cfg.distributed.scheduler == "slurm"
     with pytest.raises(ConfigError, match="compare_with_original"):
         infer(_cfg(artifact3d, tmp_path, "x", distributed=LOCAL, compare_with_original=True), quiet=True)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images hold the same objects (numbered in any order)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+@pytest.mark.parametrize("use_client", [False, True])
+def test_instance_labels_are_consistent_across_block_edges(tmp_path, use_client):
+    from efficientbioai.infer.labels import label_blocks
+    from efficientbioai.io import _create_zarr
+    from efficientbioai.metrics import instances_from_probability
+
+    from scipy import ndimage as ndi
+
+    smooth = ndi.gaussian_filter(np.random.default_rng(5).random((20, 64, 80)), 1.5)
+    prob = ((smooth - np.quantile(smooth, 0.35)) / (np.quantile(smooth, 0.9) - np.quantile(smooth, 0.35)) / 2)
+    prob = np.clip(prob, 0, 1).astype(np.float32)  # ~10% of the voxels above 0.5, in many objects
+    # a thin diagonal object that crosses block edges only through corner (26-connected) neighbours
+    for i in range(14):
+        prob[3 + i, 10 + i, 40 + i] = 1.0
+    write_image(tmp_path / "prob.zarr", prob[None], axes="czyx", chunks=(1, 8, 16, 16))
+    block = (8, 16, 16)
+    regions = blocks(prob.shape, block)
+    expected = instances_from_probability(prob, threshold=0.5, method="components", min_size=5)
+    assert expected.max() > 10
+    crossing = sum(len(np.unique(expected[r])) for r in regions) - len(np.unique(expected))
+    assert crossing > 10  # many objects are cut by block edges
+
+    _create_zarr(tmp_path / "labels.zarr", prob.shape, np.int32, "zyx", block, "labels")
+    client = cluster = None
+    if use_client:
+        from dask.distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        n = label_blocks(
+            tmp_path / "prob.zarr", tmp_path / "labels.zarr", regions, prob_index=(0,), min_size=5, client=client
+        )
+    finally:
+        if client is not None:
+            client.close()
+            cluster.close()
+    got = np.asarray(read_image(tmp_path / "labels.zarr"))
+    assert n == expected.max() and got.max() == n
+    assert _same_partition(got, expected)
