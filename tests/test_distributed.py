@@ -53,7 +53,9 @@ def artifact3d(tmp_path_factory) -> Path:
 def volumes(tmp_path) -> Path:
     folder = tmp_path / "in"
     for i, shape in enumerate([(21, 70, 90), (18, 45, 61)]):
-        write_image(folder / f"vol{i}.zarr", blobs(shape, n=10, seed=30 + i)[0], axes="zyx", chunks=(8, 32, 32))
+        write_image(
+            folder / f"vol{i}.zarr", blobs(shape, n=10, seed=30 + i)[0], axes="zyx", chunks=(8, 32, 32)
+        )
     return folder
 
 
@@ -74,7 +76,9 @@ LOCAL = {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1, "process
 
 
 def test_dask_local_cluster_equals_single_process(tmp_path, artifact3d, volumes):
-    single = infer(_cfg(artifact3d, tmp_path, "single", tiling={"tile_shape": [16, 32, 32], "out_of_core": False}))
+    single = infer(
+        _cfg(artifact3d, tmp_path, "single", tiling={"tile_shape": [16, 32, 32], "out_of_core": False})
+    )
     # blocks much smaller than the volume: many block edges, tiles straddling them run in two tasks
     dist = infer(
         _cfg(artifact3d, tmp_path, "dask", distributed={**LOCAL, "block_shape": [8, 32, 32]}), quiet=True
@@ -90,12 +94,18 @@ def test_dask_local_cluster_equals_single_process(tmp_path, artifact3d, volumes)
     # TIFF output too (written from the finished store, page by page)
     tif = infer(
         _cfg(
-            artifact3d, tmp_path, "dask_tif", output_format="tiff", distributed={**LOCAL, "block_shape": [16, 40, 40]}
+            artifact3d,
+            tmp_path,
+            "dask_tif",
+            output_format="tiff",
+            distributed={**LOCAL, "block_shape": [16, 40, 40]},
         ),
         quiet=True,
     )
     np.testing.assert_allclose(
-        np.asarray(read_image(tif.images[0].output)), np.asarray(read_image(single.images[0].output)), atol=1e-5
+        np.asarray(read_image(tif.images[0].output)),
+        np.asarray(read_image(single.images[0].output)),
+        atol=1e-5,
     )
 
 
@@ -127,7 +137,10 @@ def test_bad_distributed_config_is_named(tmp_path, artifact3d, section, message)
 
 def test_jobqueue_schedulers_validate_with_their_kwargs(tmp_path, artifact3d, volumes):
     cfg = _cfg(
-        artifact3d, tmp_path, "x", distributed={"scheduler": "SLURM", "cluster_kwargs": {"cores": 4, "memory": "8GB"}}
+        artifact3d,
+        tmp_path,
+        "x",
+        distributed={"scheduler": "SLURM", "cluster_kwargs": {"cores": 4, "memory": "8GB"}},
     )
     assert cfg.distributed.scheduler == "slurm"
     with pytest.raises(ConfigError, match="compare_with_original"):
@@ -144,14 +157,14 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("use_client", [False, True])
 def test_instance_labels_are_consistent_across_block_edges(tmp_path, use_client):
+    from scipy import ndimage as ndi
+
     from efficientbioai.infer.labels import label_blocks
     from efficientbioai.io import _create_zarr
     from efficientbioai.metrics import instances_from_probability
 
-    from scipy import ndimage as ndi
-
     smooth = ndi.gaussian_filter(np.random.default_rng(5).random((20, 64, 80)), 1.5)
-    prob = ((smooth - np.quantile(smooth, 0.35)) / (np.quantile(smooth, 0.9) - np.quantile(smooth, 0.35)) / 2)
+    prob = (smooth - np.quantile(smooth, 0.35)) / (np.quantile(smooth, 0.9) - np.quantile(smooth, 0.35)) / 2
     prob = np.clip(prob, 0, 1).astype(np.float32)  # ~10% of the voxels above 0.5, in many objects
     # a thin diagonal object that crosses block edges only through corner (26-connected) neighbours
     for i in range(14):
@@ -173,7 +186,12 @@ def test_instance_labels_are_consistent_across_block_edges(tmp_path, use_client)
         client = Client(cluster)
     try:
         n = label_blocks(
-            tmp_path / "prob.zarr", tmp_path / "labels.zarr", regions, prob_index=(0,), min_size=5, client=client
+            tmp_path / "prob.zarr",
+            tmp_path / "labels.zarr",
+            regions,
+            prob_index=(0,),
+            min_size=5,
+            client=client,
         )
     finally:
         if client is not None:

@@ -197,10 +197,14 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes_from_finished_chunk
 
     # another fingerprint (other input or settings) never resumes from a stale store
     p.engine = Nonlinear(fail_after=3)
-    stale = ChunkedOutput(tmp_path / "x.zarr", layout.shape, axes=layout.axes, chunks=layout.chunks, fingerprint="a")
+    stale = ChunkedOutput(
+        tmp_path / "x.zarr", layout.shape, axes=layout.axes, chunks=layout.chunks, fingerprint="a"
+    )
     with pytest.raises(KeyboardInterrupt):
         predict_to_output(p, [image], stale, layout)
-    fresh = ChunkedOutput(tmp_path / "x.zarr", layout.shape, axes=layout.axes, chunks=layout.chunks, fingerprint="b")
+    fresh = ChunkedOutput(
+        tmp_path / "x.zarr", layout.shape, axes=layout.axes, chunks=layout.chunks, fingerprint="b"
+    )
     assert not fresh.resumed and fresh.done(0) == set()
 
 
@@ -264,8 +268,15 @@ def test_out_of_core_peak_memory_stays_under_a_budget_4x_smaller_than_the_output
 
     def run(mode: str) -> int:
         proc = subprocess.run(
-            [sys.executable, "-c", _MEMORY_CHILD, str(tmp_path / "vol.zarr"), str(tmp_path / f"{mode}.zarr"), mode,
-             str(budget // 2)],
+            [
+                sys.executable,
+                "-c",
+                _MEMORY_CHILD,
+                str(tmp_path / "vol.zarr"),
+                str(tmp_path / f"{mode}.zarr"),
+                mode,
+                str(budget // 2),
+            ],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -309,4 +320,6 @@ def test_calibration_sampling_reads_tiles_lazily(tmp_path):
     # a pre-processed lazy image reads tiles and applies the (fixed) steps to what it reads
     steps = fix_statistics([{"id": "zero_mean_unit_variance", "kwargs": {"axes": "yx"}}], img, "bcyx")
     prepared = PreparedImage(img, steps, "bcyx")
-    np.testing.assert_allclose(prepared[:, 10:20, 5:9], apply_steps(img[None], steps, "bcyx")[0][:, 10:20, 5:9])
+    np.testing.assert_allclose(
+        prepared[:, 10:20, 5:9], apply_steps(img[None], steps, "bcyx")[0][:, 10:20, 5:9]
+    )

@@ -109,7 +109,8 @@ def label_blocks(
         return client.gather(futures)
 
     counts = run(
-        _label_block, [(str(prob_store), prob_index, str(labels_store), r, threshold, method) for r in regions]
+        _label_block,
+        [(str(prob_store), prob_index, str(labels_store), r, threshold, method) for r in regions],
     )
     n_local = [len(c) - 1 if len(c) else 0 for c in counts]
     offsets = np.concatenate([[0], np.cumsum(n_local)]).astype(np.int64)
@@ -151,7 +152,16 @@ def label_blocks(
     mapping = new_id[roots].astype(np.int32)
     if client is not None:
         [mapping_ref] = client.scatter([mapping], broadcast=True)
-        run(_relabel_block, [(str(labels_store), r, int(off), mapping_ref) for r, off in zip(regions, offsets[:-1], strict=True)])
+        run(
+            _relabel_block,
+            [
+                (str(labels_store), r, int(off), mapping_ref)
+                for r, off in zip(regions, offsets[:-1], strict=True)
+            ],
+        )
     else:
-        run(_relabel_block, [(str(labels_store), r, int(off), mapping) for r, off in zip(regions, offsets[:-1], strict=True)])
+        run(
+            _relabel_block,
+            [(str(labels_store), r, int(off), mapping) for r, off in zip(regions, offsets[:-1], strict=True)],
+        )
     return int(keep.sum())
