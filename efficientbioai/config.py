@@ -489,6 +489,11 @@ class InstanceConfig(_Strict):
         "components", description="connected components, or a watershed that splits touching objects"
     )
     min_size: int = Field(0, ge=0, description="objects smaller than this many pixels are removed")
+    write_labels: bool = Field(
+        False,
+        description="also write each prediction's label image (int32) as <name>_labels.<tif|zarr> beside it; "
+        "out of core and on Dask it is labelled block by block, with objects joined across block edges",
+    )
 
 
 class CellposeInferConfig(_Strict):

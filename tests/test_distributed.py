@@ -109,6 +109,34 @@ def test_dask_local_cluster_equals_single_process(tmp_path, artifact3d, volumes)
     )
 
 
+def test_instance_labels_are_written_consistently_by_every_path(tmp_path, artifact3d, volumes):
+    """task instance + instance.write_labels: in memory, out of core and on Dask (blocks much smaller than
+    the volume) give the same objects as labelling the whole stitched prediction at once."""
+    from efficientbioai.infer.pipeline import labels_path
+    from efficientbioai.metrics import instances_from_probability
+
+    tiling = {"tile_shape": [16, 32, 32], "overlap": 0.25}
+    probe = infer(_cfg(artifact3d, tmp_path, "probe", tiling={**tiling, "out_of_core": False}), quiet=True)
+    probs = [np.asarray(read_image(im.output)) for im in probe.images]
+    threshold = float(np.quantile(probs[0], 0.7))
+    common = {"task": "instance", "threshold": threshold, "instance": {"write_labels": True, "min_size": 3}}
+    runs = {
+        "memory": _cfg(artifact3d, tmp_path, "m", tiling={**tiling, "out_of_core": False}, **common),
+        "out_of_core": _cfg(
+            artifact3d, tmp_path, "o", output_format="tiff", tiling={**tiling, "out_of_core": True}, **common
+        ),
+        "dask": _cfg(artifact3d, tmp_path, "d", distributed={**LOCAL, "block_shape": [8, 32, 32]}, **common),
+    }
+    for name, cfg in runs.items():
+        result = infer(cfg, quiet=True)
+        for im, prob in zip(result.images, probs, strict=True):
+            expected = instances_from_probability(prob, threshold, "components", min_size=3)
+            assert expected.max() >= 2
+            got = np.asarray(read_image(labels_path(im.output)))
+            assert got.dtype == np.int32 and got.max() == expected.max(), name
+            assert _same_partition(got, expected), name
+
+
 def test_blocks_cover_the_image_once():
     spatial = (21, 70, 90)
     block = check_block([8, 32, 32], spatial)

@@ -363,6 +363,54 @@ def _squeeze_channel(x: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else x
 
 
+def labels_path(output: Path) -> Path:
+    """Where the label image of ``output`` goes: ``<stem>_labels`` with the output's suffix."""
+    name = output.name
+    for suffix in (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".zarr"):
+        if name.lower().endswith(suffix):
+            return output.with_name(name[: -len(suffix)] + "_labels" + name[-len(suffix) :])
+    return output.with_name(name + "_labels")
+
+
+def _wants_labels(cfg: InferConfig, task: str | None, several: bool = False) -> bool:
+    """Whether to write labels (``instance.write_labels`` with task instance); ``several``: the prediction
+    has channel or sample axes, which is an error then."""
+    if not (cfg.instance.write_labels and task == "instance"):
+        return False
+    if several:
+        raise ConfigError(
+            "instance.write_labels: labels are made from one foreground channel of one image, but this "
+            "prediction has several channels or samples",
+            "set instance.write_labels: false, or give single-channel, single-sample images",
+        )
+    return True
+
+
+def _write_labels_blockwise(cfg: InferConfig, out: ChunkedOutput, layout, regions, client=None) -> None:
+    """Label the prediction in ``out``'s store block by block into ``labels_path(out.path)``."""
+    from efficientbioai.infer.labels import label_blocks
+
+    spatial = layout.shape
+    labels = ChunkedOutput(
+        labels_path(out.path),
+        spatial,
+        np.int32,
+        axes=layout.axes,
+        chunks=layout.chunks,
+        fingerprint=out.fingerprint + "-labels",
+    )
+    label_blocks(
+        out.store,
+        labels.store,
+        regions,
+        threshold=cfg.threshold,
+        method=cfg.instance.method,
+        min_size=cfg.instance.min_size,
+        client=client,
+    )
+    labels.commit()
+
+
 def _open_samples(path: Path, cfg: InferConfig, manifest: dict[str, Any]):
     """(raw array, axes, [(C, *spatial) samples]) of one input, read lazily where possible."""
     model_axes = manifest["input"]["axes"]
@@ -468,7 +516,15 @@ def _infer_distributed(
                 )
                 jobs.append((k, (i, b), job))
                 n_jobs += 1
-        pending[k] = {"out": out, "left": n_jobs, "voxels": voxels, "record": record, "tpath": targets[k]}
+        pending[k] = {
+            "out": out,
+            "left": n_jobs,
+            "voxels": voxels,
+            "record": record,
+            "tpath": targets[k],
+            "layout": layout,
+            "regions": regions,
+        }
         skipped = int(plan.skipped.sum()) * len(images)
         _log(
             f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}: {n_jobs} block(s) of {list(block)}"
@@ -488,6 +544,8 @@ def _infer_distributed(
         def commit(k: int) -> None:
             nonlocal last
             item = pending.pop(k)
+            if _wants_labels(cfg, task, bool(item["layout"].lead)):
+                _write_labels_blockwise(cfg, item["out"], item["layout"], item["regions"], client)
             item["out"].commit()
             now = time.perf_counter()
             rec = item["record"]
@@ -631,6 +689,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     ) as bar,
                 ):
                     preds = predict_to_output(predictor, images, out, layout, progress=bar)
+                if _wants_labels(cfg, task, bool(layout.lead)):
+                    from efficientbioai.infer.distributed import blocks
+
+                    slabs = blocks(spatial, (layout.slab, *spatial[1:]))
+                    _write_labels_blockwise(cfg, out, layout, slabs)
                 out.commit()
                 run = RunRecord(
                     engines[0].label,
@@ -679,6 +742,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             write_image(
                 opath, outputs[0], axes=None if "b" in out_axes else out_axes
             )  # no b in TIFF/OME axes
+            if _wants_labels(cfg, task, several=outputs[0].ndim != len(model_axes) - 2):
+                labels = metrics.instances_from_probability(
+                    outputs[0], cfg.threshold, cfg.instance.method, cfg.instance.min_size
+                )
+                write_image(labels_path(opath), labels, axes=out_axes)
             if tpath is not None:
                 target = _read_target(tpath, outputs[0].shape, model_axes)
                 for run, out in zip(record.runs, outputs, strict=True):
