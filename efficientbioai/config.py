@@ -406,7 +406,7 @@ class TilingConfig(_Strict):
     )
     band_memory_mb: int = Field(
         512,
-        ge=16,
+        ge=1,
         description="out of core: memory for the band of output held while blending; sets how many planes "
         "(along the slowest axis) a written chunk holds",
     )

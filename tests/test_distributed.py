@@ -137,6 +137,41 @@ def test_instance_labels_are_written_consistently_by_every_path(tmp_path, artifa
             assert _same_partition(got, expected), name
 
 
+def test_infer_interrupted_mid_volume_resumes_from_finished_chunks(
+    tmp_path, artifact3d, volumes, monkeypatch
+):
+    """`infer` out of core, interrupted after most tiles: no output looks complete; the same command
+    again computes only the missing chunks and gives the uninterrupted result."""
+    from efficientbioai.tiling import TileGrid
+
+    read = TileGrid.read
+    state = {"n": 0, "fail_after": None}
+
+    def counting_read(self, image, tile):
+        state["n"] += 1
+        if state["fail_after"] is not None and state["n"] > state["fail_after"]:
+            raise KeyboardInterrupt("interrupted mid-volume")
+        return read(self, image, tile)
+
+    monkeypatch.setattr(TileGrid, "read", counting_read)
+    tiling = {"tile_shape": [16, 32, 32], "overlap": 0.25, "out_of_core": True, "band_memory_mb": 1}
+    one = str(volumes / "vol0.zarr")
+    full = infer(_cfg(artifact3d, tmp_path, "full", input=one, tiling=tiling), quiet=True)
+    n_full = state["n"]
+    cfg = _cfg(artifact3d, tmp_path, "out", input=one, tiling=tiling)
+    state.update(n=0, fail_after=int(n_full * 0.8))
+    with pytest.raises(KeyboardInterrupt):
+        infer(cfg, quiet=True)
+    assert not (tmp_path / "out" / "vol0.zarr").exists() and len(partial_outputs(tmp_path / "out")) == 1
+    state.update(n=0, fail_after=None)
+    again = infer(cfg, quiet=True)
+    assert 0 < state["n"] < n_full  # finished chunks were not computed again
+    assert not partial_outputs(tmp_path / "out")
+    np.testing.assert_array_equal(
+        np.asarray(read_image(again.images[0].output)), np.asarray(read_image(full.images[0].output))
+    )
+
+
 def test_blocks_cover_the_image_once():
     spatial = (21, 70, 90)
     block = check_block([8, 32, 32], spatial)

@@ -92,10 +92,8 @@ def region_inverse_weight(grid: TileGrid, mode: str, region: tuple[slice, ...]) 
     """
     origin = [r.start for r in region]
     weight = np.zeros(tuple(r.stop - r.start for r in region), np.float32)
-    for tile in grid:
+    for tile in grid.tiles_in(region):
         part = _intersection(tile.target, region)
-        if part is None:
-            continue
         w = grid.weights(tile, mode)
         weight[_shift(part, origin)] += 1.0 if w is None else w[_shift(part, [t.start for t in tile.target])]
     return np.reciprocal(weight, out=weight)
@@ -152,7 +150,15 @@ class RegionMerger(Merger):
         self.sum[(slice(None), *here)] += np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
 
     def finalize(self) -> np.ndarray | None:
-        np.multiply(self.sum, region_inverse_weight(self.grid, self.blend, self.region), out=self.sum)
+        # normalise a few planes at a time: the weight map never needs the region's full size
+        step = max(1, (4 << 20) // max(1, int(np.prod(self.sum.shape[2:]))))
+        first = self.region[0]
+        for a in range(first.start, first.stop, step):
+            part = (slice(a, min(a + step, first.stop)), *self.region[1:])
+            local = (slice(None), slice(a - first.start, part[0].stop - first.start))
+            np.multiply(
+                self.sum[local], region_inverse_weight(self.grid, self.blend, part), out=self.sum[local]
+            )
         result, self.sum = self.sum, None
         if self.sink is not None:
             self.sink(self.region, result)

@@ -674,6 +674,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     chunks=layout.chunks,
                     fingerprint=fingerprint(path, directory, predictor),
                 )
+                _log(
+                    f"  out of core: chunks of {layout.slab} plane(s) along the first axis written to "
+                    f"{out.store.name} as they complete",
+                    quiet,
+                )
                 if out.resumed:
                     _log(
                         f"  resuming {opath.name}: {sum(map(len, out._done.values()))} chunk slab(s) done",
