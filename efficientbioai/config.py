@@ -404,9 +404,9 @@ class TilingConfig(_Strict):
         "outputs and for images whose float32 output would exceed band_memory_mb × 4; false: the whole "
         "output in memory",
     )
-    band_memory_mb: int = Field(
+    band_memory_mb: float = Field(
         512,
-        ge=1,
+        gt=0,
         description="out of core: memory for the band of output held while blending; sets how many planes "
         "(along the slowest axis) a written chunk holds",
     )

@@ -154,15 +154,17 @@ def test_infer_interrupted_mid_volume_resumes_from_finished_chunks(
         return read(self, image, tile)
 
     monkeypatch.setattr(TileGrid, "read", counting_read)
-    tiling = {"tile_shape": [16, 32, 32], "overlap": 0.25, "out_of_core": True, "band_memory_mb": 1}
-    one = str(volumes / "vol0.zarr")
+    # a volume 3 slabs deep: slabs of 16 planes of 40 x 50 fit a band of 0.25 MiB with a 16-plane tile
+    write_image(tmp_path / "deep" / "deep.zarr", blobs((48, 40, 50), n=10, seed=9)[0], axes="zyx")
+    tiling = {"tile_shape": [16, 32, 32], "overlap": 0.25, "out_of_core": True, "band_memory_mb": 0.25}
+    one = str(tmp_path / "deep" / "deep.zarr")
     full = infer(_cfg(artifact3d, tmp_path, "full", input=one, tiling=tiling), quiet=True)
     n_full = state["n"]
     cfg = _cfg(artifact3d, tmp_path, "out", input=one, tiling=tiling)
     state.update(n=0, fail_after=int(n_full * 0.8))
     with pytest.raises(KeyboardInterrupt):
         infer(cfg, quiet=True)
-    assert not (tmp_path / "out" / "vol0.zarr").exists() and len(partial_outputs(tmp_path / "out")) == 1
+    assert not (tmp_path / "out" / "deep.zarr").exists() and len(partial_outputs(tmp_path / "out")) == 1
     state.update(n=0, fail_after=None)
     again = infer(cfg, quiet=True)
     assert 0 < state["n"] < n_full  # finished chunks were not computed again

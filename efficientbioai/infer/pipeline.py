@@ -454,7 +454,7 @@ def _infer_distributed(
     dcfg = cfg.distributed
     model_axes = manifest["input"]["axes"]
     out_channels = manifest["output"]["channels"]
-    band_bytes = cfg.tiling.band_memory_mb << 20
+    band_bytes = int(cfg.tiling.band_memory_mb * 2**20)
     task = (
         cfg.task or (manifest.get("fidelity") or {}).get("task") or ("restoration" if cfg.targets else None)
     )
@@ -615,7 +615,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         engines.append(open_original(manifest, threads))
     predictors = [_predictor(cfg, manifest, e) for e in engines]
     meter = EnergyMeter(enabled=cfg.energy)
-    band_bytes = cfg.tiling.band_memory_mb << 20
+    band_bytes = int(cfg.tiling.band_memory_mb * 2**20)
     records: list[ImageRecord] = []
     warmed = set()
     if cfg.distributed is not None:
