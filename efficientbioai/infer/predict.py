@@ -168,7 +168,7 @@ class Predictor:
         post_tile, post_whole = split_pointwise(self.post)
         if merger is None:
             merger = InMemoryMerger(grid, self.out_channels, self.blend)
-        elif post_whole:
+        if post_whole and not isinstance(merger, InMemoryMerger):
             raise EfficientBioAIError(
                 "the model's post-processing needs whole-image statistics "
                 f"({', '.join(s['id'] for s in post_whole)}), which out-of-core inference cannot compute",
