@@ -446,7 +446,7 @@ class DistributedConfig(_Strict):
     block_shape: list[int] | None = Field(
         None,
         description="spatial shape of one task's output block, a multiple of the output chunks "
-        "(default: about 16 M voxels, whole chunks)",
+        "(default: about 64 M voxels, shaped like the tile)",
     )
     cluster_kwargs: dict[str, Any] = Field(
         default_factory=dict,

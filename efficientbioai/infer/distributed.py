@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from efficientbioai.config import JOBQUEUE_CLUSTERS, DistributedConfig, InferConfig
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.merge import RegionMerger
 from efficientbioai.infer.outofcore import OutputLayout
 from efficientbioai.infer.predict import Plan
 
-# default voxels per block: big enough that tiles run twice at block edges are a small share
-BLOCK_VOXELS = 1 << 24
+# default voxels per block (256 MiB of float32 output): big enough that the tiles run twice at block
+# edges are a modest share, small enough for a worker's memory
+BLOCK_VOXELS = 1 << 26
 
 
 # ------------------------------------------------------------------------------------------- cluster
@@ -88,15 +91,24 @@ def start_client(dcfg: DistributedConfig, quiet: bool = True):
 # -------------------------------------------------------------------------------------------- blocks
 
 
-def default_block(spatial: Sequence[int]) -> tuple[int, ...]:
-    """About :data:`BLOCK_VOXELS` voxels: 64 × 512 × 512 for volumes, 4096 × 4096 for 2D images."""
-    edges = (64, 512, 512) if len(spatial) == 3 else (4096, 4096)
-    return tuple(min(int(n), e) for n, e in zip(spatial, edges[-len(spatial) :], strict=True))
+def default_block(spatial: Sequence[int], inner: Sequence[int] | None = None) -> tuple[int, ...]:
+    """About :data:`BLOCK_VOXELS` voxels, shaped like the tiles' inner region (``inner``): the tiles run
+    twice at a block edge are about one tile thick whatever the axis, so proportional blocks waste least.
+    Sizes are multiples of 16 (of the tile where larger) and at most the image's."""
+    inner = [int(i) for i in (inner or [1] * len(spatial))]
+    scale = (BLOCK_VOXELS / float(np.prod(inner))) ** (1 / len(spatial))
+    out = []
+    for n, i in zip(spatial, inner, strict=True):
+        unit = 16 if i < 16 else i
+        out.append(int(min(n, max(unit, unit * round(scale * i / unit)))))
+    return tuple(out)
 
 
-def check_block(block: Sequence[int] | None, spatial: Sequence[int]) -> tuple[int, ...]:
+def check_block(
+    block: Sequence[int] | None, spatial: Sequence[int], inner: Sequence[int] | None = None
+) -> tuple[int, ...]:
     if block is None:
-        return default_block(spatial)
+        return default_block(spatial, inner)
     if len(block) != len(spatial):
         raise ConfigError(
             f"distributed.block_shape: {list(block)} has {len(block)} values for {len(spatial)}D images",

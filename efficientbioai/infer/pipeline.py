@@ -482,8 +482,8 @@ def _infer_distributed(
                 f"({', '.join(s['id'] for s in whole_post)})",
                 "remove the distributed section",
             )
-        block = check_block(dcfg.block_shape, spatial)
         grid = predictor.grid(spatial)
+        block = check_block(dcfg.block_shape, spatial, grid.inner)
         layout = output_layout(spatial, model_axes, out_channels, len(images), grid.inner, band_bytes, block)
         out = ChunkedOutput(
             opath,
