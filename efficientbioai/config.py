@@ -400,9 +400,10 @@ class TilingConfig(_Strict):
     out_of_core: Literal["auto", "true", "false"] = Field(
         "auto",
         description="blend into a bounded band of output and write finished chunks to disk as they complete "
-        "(memory independent of the image size; zarr outputs resume after an interruption). auto: for zarr "
-        "outputs and for images whose float32 output would exceed band_memory_mb × 4; false: the whole "
-        "output in memory",
+        "(memory independent of the image size; a rerun resumes after an interruption). auto: for zarr "
+        "outputs and for images whose float32 output would exceed 4 × band_memory_mb, unless "
+        "compare_with_original or whole-image post-processing need whole outputs; false: the whole output "
+        "in memory",
     )
     band_memory_mb: float = Field(
         512,
