@@ -533,6 +533,8 @@ def _infer_distributed(
         )
         pending[k]["tiles"], pending[k]["skipped"] = len(grid) * len(images), skipped
 
+    if not pending:  # every output exists already
+        return records
     client, cluster = start_client(dcfg, quiet)
     t_start = last = time.perf_counter()
     busy = 0.0
