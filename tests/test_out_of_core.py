@@ -15,7 +15,7 @@ from efficientbioai.engines import Engine
 from efficientbioai.infer.merge import BandMerger, InMemoryMerger, RegionMerger, choose_slab
 from efficientbioai.infer.outofcore import output_layout, predict_to_output, use_out_of_core
 from efficientbioai.infer.predict import Predictor
-from efficientbioai.io import ChunkedOutput, partial_outputs, read_image, write_image
+from efficientbioai.io import ChunkedOutput, partial_outputs, read_image
 from efficientbioai.processing import apply_steps, fix_statistics, strided_sample
 from efficientbioai.sampling import PreparedImage, sample_tiles
 
@@ -224,7 +224,7 @@ def test_auto_mode_choice(tmp_path):
 
 _MEMORY_CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, os, sys, threading
     import numpy as np
     from efficientbioai.engines import Engine
     from efficientbioai.infer.outofcore import output_layout, predict_to_output
@@ -238,10 +238,28 @@ _MEMORY_CHILD = textwrap.dedent(
 
     src, dst, mode, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     image = lazy_model_layout(read_image(src), "zyx", "bczyx")
-    p = Predictor(engine=Times2(), axes="bczyx", out_channels=1, tile_shape=(16, 64, 64),
+    p = Predictor(engine=Times2(), axes="bczyx", out_channels=1, tile_shape=(8, 128, 128),
                   pre=[{"id": "scale_range", "kwargs": {"min_percentile": 1, "max_percentile": 99.8}}])
     p.warm_up(1)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # one-time set-up of the I/O libraries (zarr's event loop, codec buffers) before the baseline
+    np.asarray(image[:, :16, :64, :64])
+    warm = ChunkedOutput(dst + ".warm.zarr", (4, 64, 64), chunks=(1, 64, 64))
+    warm.array[0:1] = np.ones((1, 64, 64), np.float32)
+    warm.discard()
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():  # the current resident set (not the lifetime peak, which imports may have set)
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * page
+
+    base, peak, stop = rss(), [0], threading.Event()
+
+    def sample():
+        while not stop.wait(0.005):
+            peak[0] = max(peak[0], rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     if mode == "out_of_core":
         spatial = image.shape[1:]
         layout = output_layout(spatial, "bczyx", 1, 1, p.grid(spatial).inner, budget)
@@ -250,20 +268,26 @@ _MEMORY_CHILD = textwrap.dedent(
         out.commit()
     else:
         out = p(image).output
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"increase": peak - base}))
+    stop.set()
+    sampler.join()
+    print(json.dumps({"increase": max(peak[0], rss()) - base}))
     """
 )
 
 
 def test_out_of_core_peak_memory_stays_under_a_budget_4x_smaller_than_the_output(tmp_path):
-    """The output (float32) is 4× the budget: out of core stays under the budget, in memory does not."""
-    budget = 24 << 20
-    shape = (96, 512, 512)  # uint16 input 48 MiB; float32 output 96 MiB = 4 × budget
-    rng = np.random.default_rng(0)
-    vol = rng.integers(0, 4000, shape, dtype=np.uint16)
-    write_image(tmp_path / "vol.zarr", vol, axes="zyx", chunks=(16, 128, 128))
-    del vol
+    """The output (float32) is 4× the budget: out of core stays under the budget, in memory does not.
+    The child samples its resident memory every 5 ms (Linux /proc) against the level after setup. The
+    budget covers the band (9 planes of 1024 × 1024 here) plus a fixed overhead of the I/O and threading
+    libraries (measured 70–120 MiB here, the same for every volume size)."""
+    from efficientbioai.io import _create_zarr
+
+    budget = 192 << 20
+    shape = (192, 1024, 1024)  # float32 output 768 MiB = 4 × budget
+    vol = _create_zarr(tmp_path / "vol.zarr", shape, np.uint16, "zyx", (16, 128, 128), "vol")
+    ramp = (np.arange(1024, dtype=np.uint16)[None, :] + np.arange(1024, dtype=np.uint16)[:, None]) % 4000
+    for z in range(0, shape[0], 16):
+        vol[z : z + 16] = np.broadcast_to(ramp + np.uint16(z), (16, *shape[1:]))
     assert shape[0] * shape[1] * shape[2] * 4 == 4 * budget
 
     def run(mode: str) -> int:
@@ -275,7 +299,7 @@ def test_out_of_core_peak_memory_stays_under_a_budget_4x_smaller_than_the_output
                 str(tmp_path / "vol.zarr"),
                 str(tmp_path / f"{mode}.zarr"),
                 mode,
-                str(budget // 2),
+                str(budget // 4),
             ],
             capture_output=True,
             text=True,
