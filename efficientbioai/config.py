@@ -504,6 +504,90 @@ class TilingConfig(_Strict):
     batch_size: int = Field(1, ge=1, description="tiles per engine call")
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     localize: LocalizeConfig = Field(default_factory=LocalizeConfig)
+    out_of_core: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="blend into a bounded band of output and write finished chunks to disk as they complete "
+        "(memory independent of the image size; a rerun resumes after an interruption). auto: for zarr "
+        "outputs and for images whose float32 output would exceed 4 × band_memory_mb, unless "
+        "compare_with_original or whole-image post-processing need whole outputs; false: the whole output "
+        "in memory",
+    )
+    band_memory_mb: float = Field(
+        512,
+        gt=0,
+        description="out of core: memory for the band of output held while blending; sets how many planes "
+        "(along the slowest axis) a written chunk holds",
+    )
+
+    @field_validator("out_of_core", mode="before")
+    @classmethod
+    def _out_of_core(cls, v: Any) -> Any:
+        return {True: "true", False: "false"}.get(v, v) if isinstance(v, bool) else v
+
+
+JOBQUEUE_CLUSTERS = {
+    "slurm": "SLURMCluster",
+    "pbs": "PBSCluster",
+    "lsf": "LSFCluster",
+    "sge": "SGECluster",
+    "htcondor": "HTCondorCluster",
+    "moab": "MoabCluster",
+    "oar": "OARCluster",
+}
+
+
+class DistributedConfig(_Strict):
+    """Run `infer` on a Dask cluster: blocks of the output are independent tasks (zarr and TIFF outputs)."""
+
+    scheduler: str = Field(
+        "local",
+        description="local (a dask.distributed LocalCluster on this machine), the address of a running "
+        "scheduler (tcp://host:8786), or a batch system through dask-jobqueue: "
+        + " | ".join(JOBQUEUE_CLUSTERS),
+    )
+    n_workers: int = Field(2, ge=1, description="workers to start (local cluster, or jobs to scale to)")
+    threads_per_worker: int = Field(1, ge=1, description="threads per worker (local cluster)")
+    engine_threads: int | None = Field(
+        None, ge=1, description="CPU threads of each worker's engine (default: threads_per_worker)"
+    )
+    processes: bool = Field(True, description="local cluster: workers in separate processes (else threads)")
+    block_shape: list[int] | None = Field(
+        None,
+        description="spatial shape of one task's output block, a multiple of the output chunks "
+        "(default: about 64 M voxels, shaped like the tile)",
+    )
+    cluster_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments for the dask-jobqueue cluster class (cores, memory, queue, walltime, "
+        "account, job_extra_directives, ...)",
+    )
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        v = v.strip()
+        if v == "local" or v.lower() in JOBQUEUE_CLUSTERS or "://" in v:
+            return v.lower() if "://" not in v else v
+        raise ValueError(
+            f"'{v}' is not a scheduler: use local, an address such as tcp://10.0.0.5:8786, or one of "
+            f"{', '.join(JOBQUEUE_CLUSTERS)} (dask-jobqueue)"
+        )
+
+    @field_validator("block_shape")
+    @classmethod
+    def _block(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(n < 1 for n in v)):
+            raise ValueError("block_shape needs one positive size per spatial axis, e.g. [64, 512, 512]")
+        return v
+
+    @model_validator(mode="after")
+    def _kwargs_only_for_jobqueue(self) -> DistributedConfig:
+        if self.cluster_kwargs and self.scheduler not in JOBQUEUE_CLUSTERS:
+            raise ValueError(
+                "cluster_kwargs are for dask-jobqueue clusters (scheduler: slurm, pbs, ...); "
+                f"remove them for scheduler: {self.scheduler}"
+            )
+        return self
 
 
 class InstanceConfig(_Strict):
@@ -513,6 +597,11 @@ class InstanceConfig(_Strict):
         "components", description="connected components, or a watershed that splits touching objects"
     )
     min_size: int = Field(0, ge=0, description="objects smaller than this many pixels are removed")
+    write_labels: bool = Field(
+        False,
+        description="also write each prediction's label image (int32) as <name>_labels.<tif|zarr> beside it; "
+        "out of core and on Dask it is labelled block by block, with objects joined across block edges",
+    )
 
 
 class CellposeInferConfig(_Strict):
@@ -597,6 +686,9 @@ class InferConfig(_Strict):
     threshold: float = Field(0.5, description="semantic / instance: outputs above this are foreground")
     instance: InstanceConfig = Field(default_factory=InstanceConfig)
     cellpose: CellposeInferConfig = Field(default_factory=CellposeInferConfig)
+    distributed: DistributedConfig | None = Field(
+        None, description="run on a Dask cluster (see DistributedConfig); absent: this process only"
+    )
     compare_with_original: bool = Field(
         False, description="also run the original PyTorch (or ONNX) model and report both side by side"
     )

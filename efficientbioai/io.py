@@ -403,6 +403,65 @@ def to_model_layout(
     return np.transpose(arr, [axes.index(a) for a in "c" + spatial])
 
 
+class LazyLayout:
+    """A lazily-read (C, *spatial) view of an array whose axes only need size-1 axes dropped and/or a
+    channel axis added (no transposition): slicing it reads only the sliced part of the array."""
+
+    def __init__(self, array: Any, index: tuple, add_channel: bool):
+        self.array, self._index, self._add_channel = array, index, add_channel
+        kept = [n for n, i in zip(array.shape, index, strict=True) if isinstance(i, slice)]
+        self.shape = ((1,) if add_channel else ()) + tuple(int(n) for n in kept)
+        self.ndim = len(self.shape)
+        self.dtype = array.dtype
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        if self._add_channel:
+            channel, key = key[0], key[1:]
+        it = iter(key)
+        full = tuple(next(it) if isinstance(i, slice) else i for i in self._index)
+        data = np.asarray(self.array[full])
+        return data[np.newaxis][channel] if self._add_channel else data
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[(slice(None),) * self.ndim]
+        return data.astype(dtype) if dtype is not None else data
+
+
+def lazy_model_layout(image: Any, image_axes: str | None, model_axes: str, source: str = "image") -> Any:
+    """Like :func:`to_model_layout`, but a lazily-read image (zarr array, memory map) whose axes are
+    already in the model's order up to size-1 axes (``t``, ``b``, ``z`` of a 2D model) and a missing
+    channel axis is returned as a :class:`LazyLayout` view, never loaded whole (e.g. an OME-Zarr ``tczyx``
+    level 0). Other images are rearranged (and loaded) by :func:`to_model_layout`."""
+    spatial = model_axes.replace("b", "").replace("c", "")
+    if isinstance(image, np.ndarray) and not isinstance(image, np.memmap):
+        return to_model_layout(image, image_axes, model_axes, source)
+    axes = image_axes.lower() if image_axes else None
+    if axes is None:
+        axes = (
+            spatial
+            if image.ndim == len(spatial)
+            else "c" + spatial
+            if image.ndim == len(spatial) + 1
+            else None
+        )
+    if axes is not None and len(axes) == image.ndim:
+        index, kept = [], ""
+        for a, n in zip(axes, image.shape, strict=True):
+            if a in spatial or a == "c":
+                index.append(slice(None))
+                kept += a
+            elif n == 1:
+                index.append(0)
+            else:
+                index = None
+                break
+        if index is not None and kept.replace("c", "") == spatial and kept in (spatial, "c" + spatial):
+            return LazyLayout(image, tuple(index), add_channel="c" not in kept)
+    return to_model_layout(image, image_axes, model_axes, source)
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 
@@ -520,6 +579,195 @@ def write_image(
     return path
 
 
+# ------------------------------------------------------------------------------ writing region by region
+
+PROGRESS_FILE = "efficientbioai-progress.json"
+# pages larger than this many pixels are written to TIFF as 256 × 256 tiles, not whole
+_TIFF_TILED_PAGE = 1 << 24
+
+
+class ChunkedOutput:
+    """An output image written region by region (out of core), atomically and resumably.
+
+    The data go into a zarr store under a temporary name, ``.<name>.partial-<token>``, where ``token``
+    is derived from ``fingerprint`` (what determines the result: input, artifact, settings). Regions are
+    written to :attr:`array` by the caller, who records finished units of work with :meth:`mark` (kept in
+    a small progress file inside the store). A later run with the same fingerprint finds the store and
+    :meth:`done` tells it what not to compute again; a different fingerprint starts afresh.
+
+    :meth:`commit` makes the output visible: a zarr output is renamed into place; a TIFF output is written
+    from the store as a BigTIFF page by page (or tile by tile for large 2D pages) to its own temporary
+    and renamed into place, and the store is deleted. Until then nothing at ``path`` looks finished.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        shape: Sequence[int],
+        dtype: Any = np.float32,
+        *,
+        axes: str | None = None,
+        chunks: Sequence[int] | None = None,
+        fingerprint: str = "",
+        fmt: str | None = None,
+        **metadata: Any,
+    ):
+        import hashlib
+        import json
+
+        self.path = Path(path).expanduser()
+        self.kind = _output_format(self.path, fmt)
+        if self.kind not in ("zarr", "tiff"):
+            raise EfficientBioAIError(
+                f"{self.path}: out-of-core outputs are written as zarr or TIFF, not {self.kind}",
+                "use a .zarr or .tif output",
+            )
+        self.shape = tuple(int(n) for n in shape)
+        self.axes = axes.lower() if axes else None
+        self.metadata = metadata  # room for more (e.g. pixel sizes): recorded where the format allows
+        self.chunks = _zarr_chunks(self.shape, self.axes, chunks, self.path)
+        _check_replaceable(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EfficientBioAIError(
+                f"could not create the folder {self.path.parent} ({type(exc).__name__}: {exc})",
+                "check the output path and that you may write there",
+            ) from exc
+        key = json.dumps(
+            [fingerprint, self.shape, str(np.dtype(dtype)), self.axes, self.chunks], sort_keys=True
+        )
+        token = hashlib.sha256(key.encode()).hexdigest()[:_TOKEN_CHARS]
+        self.fingerprint = token
+        self.store = self.path.with_name(f".{self.path.name[:200]}.partial-{token}")
+        self._progress_path = self.store / PROGRESS_FILE
+        self._done: dict[str, list[int]] = {}
+        self.resumed = False
+        if self.store.is_dir() and self._progress_path.is_file():
+            try:
+                record = json.loads(self._progress_path.read_text())
+                import zarr
+
+                self.array = zarr.open_array(store=str(self.store), path="0", mode="r+")
+                if record.get("fingerprint") == token and tuple(self.array.shape) == self.shape:
+                    self._done = {str(k): list(v) for k, v in record.get("done", {}).items()}
+                    self.resumed = True
+            except Exception:  # unreadable leftovers: start again
+                self.resumed = False
+        if not self.resumed:
+            _remove(self.store)
+            self.array = _create_zarr(
+                self.store,
+                self.shape,
+                np.dtype(dtype),
+                self.axes,
+                self.chunks,
+                _stem(self.path.name),
+                self.metadata.get("pixel_size"),
+            )
+            self._save()
+
+    def done(self, key: Any = 0) -> set[int]:
+        """Units of work recorded as finished under ``key`` (e.g. the sample index)."""
+        return set(self._done.get(str(key), []))
+
+    def mark(self, key: Any, unit: int) -> None:
+        """Record that ``unit`` (e.g. a slab or block number) of ``key`` is written."""
+        self._done.setdefault(str(key), []).append(int(unit))
+        self._save()
+
+    def _save(self) -> None:
+        import json
+
+        tmp = self._progress_path.with_name(PROGRESS_FILE + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self._done}))
+        os.replace(tmp, self._progress_path)
+
+    def commit(self) -> Path:
+        """Make the finished output visible at :attr:`path` (see the class docstring)."""
+        try:
+            if self.kind == "zarr":
+                self._progress_path.unlink(missing_ok=True)
+                _move_into_place(self.store, self.path)
+            else:
+                tmp = self.path.with_name(
+                    f".{self.path.name[:200]}.partial-{secrets.token_hex(_TOKEN_CHARS // 2)}"
+                )
+                try:
+                    _write_tiff_from(
+                        tmp,
+                        self.array,
+                        self.axes,
+                        ome=_is_ome_tiff(self.path),
+                        pixel_size=self.metadata.get("pixel_size"),
+                    )
+                    _move_into_place(tmp, self.path)
+                except BaseException:
+                    _remove(tmp)
+                    raise
+                _remove(self.store)
+        except EfficientBioAIError:
+            raise
+        except Exception as exc:
+            raise EfficientBioAIError(
+                f"could not write {self.path} ({type(exc).__name__}: {exc})",
+                f"check the free disk space and that you may write in {self.path.parent}",
+            ) from exc
+        return self.path
+
+    def discard(self) -> None:
+        """Delete the temporary store (nothing is resumed later)."""
+        _remove(self.store)
+
+
+def _write_tiff_from(
+    tmp: Path, array: Any, axes: str | None, ome: bool, pixel_size: dict | None = None
+) -> None:
+    """Write a lazily-read array (e.g. zarr) as a BigTIFF: 2D pages (the last two axes) in C order, read
+    a chunk-thick slab at a time; pages over ``_TIFF_TILED_PAGE`` pixels as 256 × 256 tiles."""
+    import tifffile
+
+    from efficientbioai.pixel_size import tiff_options
+
+    shape = tuple(int(n) for n in array.shape)
+    dtype = np.dtype(array.dtype)
+    options = tiff_options(pixel_size or {}, axes, dtype, ome, allow_imagej=False)
+    tiled = shape[-1] * shape[-2] > _TIFF_TILED_PAGE
+    lead = shape[:-2]
+
+    def pages():
+        if not lead:
+            yield np.asarray(array[...])
+            return
+        outer = lead[:-1]
+        depth = lead[-1]
+        step = max(1, int(getattr(array, "chunks", (1,) * len(shape))[len(lead) - 1]))
+        for idx in np.ndindex(*outer) if outer else [()]:
+            for z0 in range(0, depth, step):
+                slab = np.asarray(array[(*idx, slice(z0, z0 + step))])
+                yield from slab
+
+    def tiles():
+        ty, tx = 256, 256
+        for idx in np.ndindex(*lead) if lead else [()]:
+            for y0 in range(0, shape[-2], ty):
+                for x0 in range(0, shape[-1], tx):
+                    yield np.asarray(array[(*idx, slice(y0, y0 + ty), slice(x0, x0 + tx))])
+
+    tifffile.imwrite(
+        tmp,
+        data=tiles() if tiled else pages(),
+        shape=shape,
+        dtype=dtype,
+        bigtiff=True,
+        photometric="minisblack",
+        tile=(256, 256) if tiled else None,
+        **options,
+    )
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def partial_outputs(output_dir: str | Path) -> list[Path]:
     """Leftovers of interrupted :func:`write_image` calls in ``output_dir`` (not its subfolders), sorted.
 
@@ -613,14 +861,16 @@ def _zarr_format_kwargs() -> dict[str, Any]:
     return {"zarr_format": 2} if int(zarr.__version__.split(".")[0]) >= 3 else {}
 
 
-def _write_zarr(
+def _create_zarr(
     tmp: Path,
-    array: Any,
+    shape: tuple[int, ...],
+    dtype: Any,
     axes: str | None,
     chunks: tuple[int, ...] | None,
     name: str,
     pixel_size: dict | None = None,
-) -> None:
+):
+    """An empty OME-Zarr 0.4 image (zarr v2 format) at ``tmp``; returns its full-resolution array."""
     import zarr
     from numcodecs import Blosc
 
@@ -632,9 +882,9 @@ def _write_zarr(
         store=str(tmp),
         path="0",
         mode="w",
-        shape=tuple(array.shape),
+        shape=tuple(shape),
         chunks=chunks,
-        dtype=array.dtype,
+        dtype=dtype,
         compressor=Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE),
         dimension_separator="/",
         **fmt,
@@ -653,6 +903,18 @@ def _write_zarr(
                     ],
                 }
             ]
+    return target
+
+
+def _write_zarr(
+    tmp: Path,
+    array: Any,
+    axes: str | None,
+    chunks: tuple[int, ...] | None,
+    name: str,
+    pixel_size: dict | None = None,
+) -> None:
+    target = _create_zarr(tmp, tuple(array.shape), array.dtype, axes, chunks, name, pixel_size)
     step = chunks[0] if chunks else array.shape[0]
     for start in range(0, array.shape[0], step):  # slab by slab: a lazy source is never loaded whole
         target[start : start + step] = np.asarray(array[start : start + step])

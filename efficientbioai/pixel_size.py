@@ -269,7 +269,9 @@ def _imagej_compatible(axes: str | None, dtype: Any) -> bool:
     return "".join(a for a in order if a in axes) == axes and str(dtype) in _IMAGEJ_DTYPES
 
 
-def tiff_options(pixel_size: PixelSize, axes: str | None, dtype: Any, ome: bool) -> dict[str, Any]:
+def tiff_options(
+    pixel_size: PixelSize, axes: str | None, dtype: Any, ome: bool, allow_imagej: bool = True
+) -> dict[str, Any]:
     """Keyword arguments for ``tifffile.imwrite`` that record ``pixel_size`` (and ``axes``).
 
     OME-TIFF: OME-XML ``PhysicalSize*`` (+ units as OME symbols). Plain TIFF: an ImageJ hyperstack
@@ -291,7 +293,7 @@ def tiff_options(pixel_size: PixelSize, axes: str | None, dtype: Any, ome: bool)
             elif unit is not None:  # no OME symbol: the size in µm
                 meta[f"PhysicalSize{axis.upper()}"] = convert(size, unit, "micrometer")
         return options
-    if _imagej_compatible(axes, dtype):
+    if allow_imagej and _imagej_compatible(axes, dtype):  # ImageJ files cannot be BigTIFF
         unit = next((u for _, u in (present.get(a, (0, None)) for a in "xyz") if u is not None), None)
         sizes = {a: convert(s, u, unit) for a, (s, u) in present.items()}
         ij: dict[str, Any] = {"axes": axes.upper()}

@@ -105,6 +105,79 @@ OPS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+# Statistics of images larger than this many values are taken from a strided sample of about this size.
+MAX_STATISTICS_SAMPLE = 1 << 24
+WHOLE_IMAGE_STEPS = {"zero_mean_unit_variance", "scale_range"}
+
+
+def strided_sample(image, max_values: int = MAX_STATISTICS_SAMPLE) -> np.ndarray:
+    """A float32 (C, *spatial) sample of a (C, *spatial) array-like, read with one stride on every
+    spatial axis so that it holds at most about ``max_values`` values (the whole image when it is small).
+
+    Lazily-read arrays (zarr, memory maps) are only read at the sampled positions' chunks/pages; no
+    float64 or whole-image float32 copy is made.
+    """
+    shape = tuple(int(n) for n in image.shape)
+    ndim = len(shape) - 1
+    stride = 1
+    while int(np.prod([shape[0], *(-(-n // stride) for n in shape[1:])])) > max_values:
+        stride += 1
+    key = (slice(None), *[slice(None, None, stride)] * ndim)
+    return np.asarray(image[key], dtype=np.float32)
+
+
+def fix_statistics(
+    steps: Sequence[dict[str, Any]], image, axes: str, max_values: int = MAX_STATISTICS_SAMPLE
+) -> list[dict[str, Any]]:
+    """``steps`` with every per-image statistic (per-sample mean/std, percentiles) measured once on a
+    strided sample of the (C, *spatial) ``image`` (:func:`strided_sample`) and written in as fixed values,
+    so that the steps can then be applied tile by tile. ``axes`` are the network's (``bcyx``/``bczyx``).
+
+    Images up to ``max_values`` values are sampled whole, giving the statistics of the whole image.
+    """
+    sample = None
+    out: list[dict[str, Any]] = []
+    for step in steps:
+        kw = dict(step.get("kwargs") or {})
+        fixed = step
+        whole = step["id"] in WHOLE_IMAGE_STEPS and not (
+            step["id"] == "zero_mean_unit_variance"
+            and (kw.get("mode") == "fixed" or (kw.get("mean") is not None and kw.get("std") is not None))
+        )
+        if whole:
+            if sample is None:
+                sample = apply_steps(strided_sample(image, max_values)[np.newaxis], out, axes)
+            red = _axes_indices(kw.get("axes"), axes)
+            eps = kw.get("eps", 1e-6)
+            if step["id"] == "zero_mean_unit_variance":
+                if kw.get("mode") == "per_dataset":
+                    OPS[step["id"]](sample, axes, **kw)  # the same error as on a whole image
+                m = sample.mean(axis=red, keepdims=True, dtype=np.float64)
+                s = sample.std(axis=red, keepdims=True, dtype=np.float64)
+                mean, std = m, s
+            else:
+                lo = np.percentile(sample, kw.get("min_percentile", 0.0), axis=red, keepdims=True)
+                hi = np.percentile(sample, kw.get("max_percentile", 100.0), axis=red, keepdims=True)
+                mean, std = lo, hi - lo
+            fixed = {
+                "id": "zero_mean_unit_variance",
+                "kwargs": {"mean": _as_fixed(mean, axes), "std": _as_fixed(std, axes), "eps": eps},
+            }
+        out.append(fixed)
+        if sample is not None:
+            sample = apply_steps(sample, [fixed], axes)
+    return out
+
+
+def _as_fixed(stat: np.ndarray, axes: str) -> float | list[float]:
+    """A keepdims statistic of a one-sample image as a number or a per-channel list."""
+    stat = np.asarray(stat, np.float64)
+    per_channel = stat.shape[axes.index("c")] if stat.ndim == len(axes) else 1
+    if per_channel > 1:
+        return [float(v) for v in stat.reshape(-1)]
+    return float(stat.reshape(-1)[0])
+
+
 def apply_steps(x: np.ndarray, steps: Sequence[dict[str, Any]], axes: str) -> np.ndarray:
     """Apply processing ``steps`` to ``x`` whose axes are named by ``axes`` (e.g. ``"bcyx"``)."""
     out = np.asarray(x, dtype=np.float32)

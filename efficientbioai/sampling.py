@@ -1,10 +1,18 @@
-"""Drawing tiles from the user's images for calibration and for the held-out fidelity check."""
+"""Drawing tiles from the user's images for calibration and for the held-out fidelity check.
+
+Images are read lazily: a candidate tile is read (and pre-processed) where it lies, so calibration on a
+volume larger than memory reads only its tiles and a strided sample for its statistics.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from efficientbioai.processing import apply_steps
 
 
 @dataclass
@@ -27,10 +35,37 @@ def pad_to(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.pad(image, pads, mode=mode)
 
 
-def _crop(image: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-    return np.ascontiguousarray(
-        image[(slice(None),) + tuple(slice(s, s + t) for s, t in zip(start, shape, strict=True))]
-    )
+class PreparedImage:
+    """A lazily-read (C, *spatial) image with point-wise pre-processing applied to what is read.
+
+    ``steps`` must be point-wise (statistics fixed, e.g. by
+    :func:`~efficientbioai.processing.fix_statistics`); ``axes`` are the network's (``bcyx``/``bczyx``).
+    Slicing reads only the slice; ``np.asarray`` reads the whole image (fine-tuning needs it).
+    """
+
+    def __init__(self, image: Any, steps: Sequence[dict[str, Any]], axes: str):
+        self.image, self.steps, self.axes = image, list(steps), axes
+        self.shape = tuple(int(n) for n in image.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key) -> np.ndarray:
+        x = np.asarray(self.image[key], np.float32)
+        if x.ndim != self.ndim:  # an integer index dropped an axis: read it as a slice instead
+            raise IndexError("PreparedImage takes slices only")
+        return apply_steps(x[np.newaxis], self.steps, self.axes)[0] if self.steps else x
+
+    def __array__(self, dtype=None, copy=None):
+        x = self[(slice(None),) * self.ndim]
+        return x.astype(dtype) if dtype is not None else x
+
+
+def _crop(image: Any, start: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """The tile at ``start`` of a lazily-read image, padded (as :func:`pad_to`) where the image is
+    smaller than the tile (``start`` is then 0 along that axis)."""
+    region = tuple(slice(s, s + t) for s, t in zip(start, shape, strict=True))
+    tile = np.asarray(image[(slice(None), *region)], np.float32)
+    return np.ascontiguousarray(pad_to(tile, shape))
 
 
 def sample_tiles(
@@ -45,6 +80,9 @@ def sample_tiles(
 ) -> tuple[Tiles, Tiles]:
     """Calibration and held-out tiles from preprocessed (C, *spatial) images, at different positions.
 
+    Images may be lazily-read array-likes (zarr, memory maps, :class:`PreparedImage`): only the candidate
+    tiles and a strided sample (for the median) are read.
+
     Background is judged by a cheap statistic: the mean absolute deviation of a tile from its image's
     median (the background level of sparse fluorescence images). Tiles scoring under twice the 10th
     percentile of all candidates count as flat background, and at most ``background_fraction`` of the
@@ -53,13 +91,11 @@ def sample_tiles(
     """
     rng = np.random.default_rng(seed)
     tile_shape = tuple(int(t) for t in tile_shape)
-    images = [pad_to(np.asarray(im, np.float32), tile_shape) for im in images]
-    if targets is not None:
-        targets = [pad_to(np.asarray(t, np.float32), tile_shape) for t in targets]
+    padded = [tuple(max(s, t) for s, t in zip(im.shape[1:], tile_shape, strict=True)) for im in images]
     total = n_calibration + n_holdout
     n_bg_allowed = int(np.floor(background_fraction * total))
     medians = [
-        float(np.median(im[(slice(None),) + tuple(slice(None, None, 4) for _ in tile_shape)]))
+        float(np.median(np.asarray(im[(slice(None),) + tuple(slice(None, None, 4) for _ in tile_shape)])))
         for im in images
     ]
 
@@ -67,9 +103,7 @@ def sample_tiles(
         cand, scores = [], []
         for k in range(n):
             i = k % len(images)
-            start = tuple(
-                int(rng.integers(0, s - t + 1)) for s, t in zip(images[i].shape[1:], tile_shape, strict=True)
-            )
+            start = tuple(int(rng.integers(0, s - t + 1)) for s, t in zip(padded[i], tile_shape, strict=True))
             cand.append((i, start))
             scores.append(float(np.abs(_crop(images[i], start, tile_shape) - medians[i]).mean()))
         return cand, scores

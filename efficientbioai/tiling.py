@@ -120,15 +120,29 @@ class TileGrid:
 
     def __iter__(self) -> Iterator[Tile]:
         for index, corner in enumerate(itertools.product(*self.starts)):
-            source, pad, target, crop = [], [], [], []
-            for c, s, t, h, i in zip(corner, self.image_shape, self.tile, self.halo, self.inner, strict=True):
-                lo, hi = c - h, c - h + t  # input window in image coordinates
-                source.append(slice(max(lo, 0), min(hi, s)))
-                pad.append((max(-lo, 0), max(hi - s, 0)))
-                end = min(c + i, s)
-                target.append(slice(c, end))
-                crop.append(slice(h, h + end - c))
-            yield Tile(index, tuple(source), tuple(pad), tuple(target), tuple(crop))
+            yield self._tile(index, corner)
+
+    def _tile(self, index: int, corner: Sequence[int]) -> Tile:
+        source, pad, target, crop = [], [], [], []
+        for c, s, t, h, i in zip(corner, self.image_shape, self.tile, self.halo, self.inner, strict=True):
+            lo, hi = c - h, c - h + t  # input window in image coordinates
+            source.append(slice(max(lo, 0), min(hi, s)))
+            pad.append((max(-lo, 0), max(hi - s, 0)))
+            end = min(c + i, s)
+            target.append(slice(c, end))
+            crop.append(slice(h, h + end - c))
+        return Tile(index, tuple(source), tuple(pad), tuple(target), tuple(crop))
+
+    def tiles_in(self, region: Sequence[slice]) -> Iterator[Tile]:
+        """The tiles whose inner output overlaps ``region`` (spatial slices), in grid order."""
+        keep = [
+            [k for k, c in enumerate(starts) if c < r.stop and min(c + i, s) > r.start]
+            for starts, r, i, s in zip(self.starts, region, self.inner, self.image_shape, strict=True)
+        ]
+        counts = [len(s) for s in self.starts]
+        for ks in itertools.product(*keep):
+            index = int(np.ravel_multi_index(ks, counts))
+            yield self._tile(index, [self.starts[d][k] for d, k in enumerate(ks)])
 
     def read(self, image, tile: Tile) -> np.ndarray:
         """The (C, *tile) float32 network input for ``tile`` from a (C, *spatial) array-like."""

@@ -100,3 +100,6 @@ def test_example_configs_are_valid(tmp_path, shared_model, monkeypatch):
     (tmp_path / "manifest.yaml").write_text("manifest_version: 1\n")  # stands in for `compress`'s artifact
     cfg = validate_config({**data, "model": str(tmp_path)}, InferConfig)
     assert cfg.compare_with_original and cfg.tiling.tile_shape == [256, 256]
+    data = yaml.safe_load((REPO / "configs" / "unet2d_nuclei_infer_dask.yaml").read_text())
+    cfg = validate_config({**data, "model": str(tmp_path)}, InferConfig)
+    assert cfg.distributed.scheduler == "local" and cfg.distributed.n_workers == 2

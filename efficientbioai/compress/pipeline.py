@@ -37,13 +37,13 @@ from efficientbioai.engines import (
     reference_engine,
 )
 from efficientbioai.errors import ConfigError, EfficientBioAIError, ExportError, FidelityError
-from efficientbioai.io import expand_paths, read_image, to_model_layout
+from efficientbioai.io import expand_paths, lazy_model_layout, read_image, to_model_layout
 from efficientbioai.manifest import MANIFEST_VERSION, versions, write_manifest
 from efficientbioai.models import LoadedModel, load_model
 from efficientbioai.models.base import sha256
-from efficientbioai.processing import apply_steps
+from efficientbioai.processing import apply_steps, fix_statistics
 from efficientbioai.report import human_bytes, human_count, table
-from efficientbioai.sampling import Tiles, pad_to, sample_tiles
+from efficientbioai.sampling import PreparedImage, Tiles, pad_to, sample_tiles
 from efficientbioai.tiling import round_up, valid_size
 
 DEFAULT_TILE = {2: (256, 256), 3: (32, 128, 128)}
@@ -89,7 +89,7 @@ def read_calibration_images(cfg: CompressConfig, loaded: LoadedModel):
     else:
         files = expand_paths(cal.images, "calibration.images")
         raw = [
-            to_model_layout(read_image(f), cal.axes, loaded.axes, f"calibration.images: {f}") for f in files
+            lazy_model_layout(read_image(f), cal.axes, loaded.axes, f"calibration.images: {f}") for f in files
         ]
         names = [str(f) for f in files]
     for x, name in zip(raw, names, strict=False):
@@ -99,7 +99,11 @@ def read_calibration_images(cfg: CompressConfig, loaded: LoadedModel):
                 "set calibration.axes so that the channel axis is named 'c', or give images with the "
                 "model's channels",
             )
-    images = [preprocess(x, loaded) for x in raw]
+    # read lazily: tiles are read (and pre-processed) where they are sampled; statistics come from a
+    # strided sample, so a volume larger than memory can calibrate
+    images = [
+        PreparedImage(x, fix_statistics(loaded.preprocessing, x, loaded.axes), loaded.axes) for x in raw
+    ]
     targets = None
     if cal.targets is not None:
         tfiles = expand_paths(cal.targets, "calibration.targets")
@@ -109,7 +113,7 @@ def read_calibration_images(cfg: CompressConfig, loaded: LoadedModel):
                 "give one target per calibration image, in the same (sorted) order",
             )
         targets = [
-            to_model_layout(read_image(f), None, loaded.axes, f"calibration.targets: {f}") for f in tfiles
+            lazy_model_layout(read_image(f), None, loaded.axes, f"calibration.targets: {f}") for f in tfiles
         ]
         for t, x, f in zip(targets, images, tfiles, strict=True):
             if t.shape[1:] != x.shape[1:]:
@@ -730,7 +734,9 @@ def _prune_and_finetune(
     md = cfg.quantize.max_drop
     if stop_at is None and md is not None and md.metric == "pearson":
         stop_at = md.value / 2  # the other half of the budget is left to quantization
-    images = [pad_to(im, ft_tile) for im in data.images]
+    images = [
+        pad_to(np.asarray(im, np.float32), ft_tile) for im in data.images
+    ]  # fine-tuning crops at random
     targets = [pad_to(np.asarray(t, np.float32), ft_tile) for t in data.targets] if data.targets else None
     module, ft = fine_tune(
         module,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,16 @@ from efficientbioai.energy import (
 )
 from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
-from efficientbioai.infer.predict import Prediction, Predictor
+from efficientbioai.infer.outofcore import fingerprint, output_layout, predict_to_output, use_out_of_core
+from efficientbioai.infer.predict import Prediction, Predictor, split_pointwise
 from efficientbioai.io import (
+    ChunkedOutput,
     expand_paths,
+    lazy_model_layout,
     output_path,
     read_axes,
     read_image,
     read_pixel_size,
-    to_model_layout,
     write_image,
 )
 from efficientbioai.localize import SampleLocalizer
@@ -144,28 +147,9 @@ def open_original(manifest: dict[str, Any], threads: int) -> Engine:
 # ------------------------------------------------------------------------------------------- images
 
 
-class _WithChannel:
-    """A lazy (C=1, *spatial) view of a lazily-read spatial array (e.g. a zarr array)."""
-
-    def __init__(self, array):
-        self.array = array
-        self.shape = (1, *array.shape)
-        self.ndim = len(self.shape)
-        self.dtype = array.dtype
-
-    def __getitem__(self, key):
-        return np.asarray(self.array[key[1:]])[np.newaxis][key[0]]
-
-
 def model_layout(image, axes: str | None, model_axes: str, source: str):
-    """(C, *spatial) without loading lazily-read arrays that are already in the model's order."""
-    spatial = model_axes[2:]
-    if not isinstance(image, np.ndarray):
-        if axes in (None, spatial) and image.ndim == len(spatial):
-            return _WithChannel(image)
-        if axes in (None, "c" + spatial) and image.ndim == len(spatial) + 1:
-            return image
-    return to_model_layout(image, axes, model_axes, source)
+    """(C, *spatial) without loading lazily-read arrays (see :func:`~efficientbioai.io.lazy_model_layout`)."""
+    return lazy_model_layout(image, axes, model_axes, source)
 
 
 def split_batch(image, axes: str | None, source: str) -> list:
@@ -448,6 +432,233 @@ def _squeeze_channel(x: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else x
 
 
+def labels_path(output: Path) -> Path:
+    """Where the label image of ``output`` goes: ``<stem>_labels`` with the output's suffix."""
+    name = output.name
+    for suffix in (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".zarr"):
+        if name.lower().endswith(suffix):
+            return output.with_name(name[: -len(suffix)] + "_labels" + name[-len(suffix) :])
+    return output.with_name(name + "_labels")
+
+
+def _wants_labels(cfg: InferConfig, task: str | None, several: bool = False) -> bool:
+    """Whether to write labels (``instance.write_labels`` with task instance); ``several``: the prediction
+    has channel or sample axes, which is an error then."""
+    if not (cfg.instance.write_labels and task == "instance"):
+        return False
+    if several:
+        raise ConfigError(
+            "instance.write_labels: labels are made from one foreground channel of one image, but this "
+            "prediction has several channels or samples",
+            "set instance.write_labels: false, or give single-channel, single-sample images",
+        )
+    return True
+
+
+def _write_labels_blockwise(cfg: InferConfig, out: ChunkedOutput, layout, regions, client=None) -> None:
+    """Label the prediction in ``out``'s store block by block into ``labels_path(out.path)``."""
+    from efficientbioai.infer.labels import label_blocks
+
+    spatial = layout.shape
+    labels = ChunkedOutput(
+        labels_path(out.path),
+        spatial,
+        np.int32,
+        axes=layout.axes,
+        chunks=layout.chunks,
+        fingerprint=out.fingerprint + "-labels",
+        pixel_size=out.metadata.get("pixel_size"),
+    )
+    label_blocks(
+        out.store,
+        labels.store,
+        regions,
+        threshold=cfg.threshold,
+        method=cfg.instance.method,
+        min_size=cfg.instance.min_size,
+        client=client,
+    )
+    labels.commit()
+
+
+def _open_samples(path: Path, cfg: InferConfig, manifest: dict[str, Any]):
+    """(raw array, axes, [(C, *spatial) samples]) of one input, read lazily where possible."""
+    model_axes = manifest["input"]["axes"]
+    raw = read_image(path)
+    axes = cfg.axes or read_axes(path)
+    samples = split_batch(raw, axes, str(path))
+    sample_axes = axes.replace("b", "") if axes else None
+    images = [model_layout(s, sample_axes, model_axes, f"input: {path}") for s in samples]
+    for im in images:
+        if im.shape[0] != manifest["input"]["channels"]:
+            raise EfficientBioAIError(
+                f"input: {path} has {im.shape[0]} channel(s) (axes '{sample_axes or 'inferred'}') but "
+                f"the model takes {manifest['input']['channels']}",
+                "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
+            )
+    return raw, axes, images
+
+
+def _infer_distributed(
+    cfg: InferConfig,
+    directory: Path,
+    manifest: dict[str, Any],
+    files: list[Path],
+    targets: list[Path | None],
+    out_paths: list[Path],
+    predictor: Predictor,
+    quiet: bool,
+) -> list[ImageRecord]:
+    """Every block of every image as one Dask task stream (see :mod:`efficientbioai.infer.distributed`)."""
+    from dask.distributed import as_completed
+
+    from efficientbioai.infer.distributed import (
+        BlockJob,
+        blocks,
+        check_block,
+        close_client,
+        run_block,
+        start_client,
+    )
+
+    dcfg = cfg.distributed
+    model_axes = manifest["input"]["axes"]
+    out_channels = manifest["output"]["channels"]
+    band_bytes = int(cfg.tiling.band_memory_mb * 2**20)
+    task = (
+        cfg.task or (manifest.get("fidelity") or {}).get("task") or ("restoration" if cfg.targets else None)
+    )
+    records: list[ImageRecord] = []
+    pending: dict[int, dict[str, Any]] = {}  # image number → its output, blocks and record
+    jobs: list[tuple[int, tuple[int, int], BlockJob]] = []
+    for k, (path, opath) in enumerate(zip(files, out_paths, strict=True)):
+        raw, axes, images = _open_samples(path, cfg, manifest)
+        spatial = tuple(images[0].shape[1:])
+        voxels = int(np.prod(spatial)) * len(images)
+        record = ImageRecord(path, opath, tuple(raw.shape), "done")
+        records.append(record)
+        if opath.exists() and not cfg.overwrite:
+            _log(
+                f"[{k + 1}/{len(files)}] {path.name}: {opath} exists, skipped (overwrite: true recomputes)",
+                quiet,
+            )
+            record.status = "exists"
+            record.runs.append(RunRecord(predictor.engine.label, None, voxels, None))
+            continue
+        whole_post = split_pointwise(predictor.post)[1]
+        if whole_post:
+            raise ConfigError(
+                "distributed: the model's post-processing needs whole-image statistics "
+                f"({', '.join(s['id'] for s in whole_post)})",
+                "remove the distributed section",
+            )
+        grid = predictor.grid(spatial)
+        block = check_block(dcfg.block_shape, spatial, grid.inner)
+        layout = output_layout(spatial, model_axes, out_channels, len(images), grid.inner, band_bytes, block)
+        out = ChunkedOutput(
+            opath,
+            layout.shape,
+            np.float32,
+            axes=layout.axes,
+            chunks=layout.chunks,
+            fingerprint=fingerprint(path, directory, predictor, ["distributed", block]),
+            pixel_size=read_pixel_size(path),  # the input's pixel sizes carried over
+        )
+        regions = blocks(spatial, block)
+        n_jobs = 0
+        for i, im in enumerate(images):
+            plan = predictor.plan(im)  # small: sent to every task of this sample
+            done = out.done(i)
+            for b, region in enumerate(regions):
+                if b in done:
+                    continue
+                job = BlockJob(
+                    cfg,
+                    directory,
+                    cfg.backend,
+                    dcfg.engine_threads or dcfg.threads_per_worker,
+                    path,
+                    axes,
+                    i,
+                    plan,
+                    out.store,
+                    layout,
+                    region,
+                )
+                jobs.append((k, (i, b), job))
+                n_jobs += 1
+        pending[k] = {
+            "out": out,
+            "left": n_jobs,
+            "voxels": voxels,
+            "record": record,
+            "tpath": targets[k],
+            "layout": layout,
+            "regions": regions,
+        }
+        skipped = int(plan.skipped.sum()) * len(images)
+        _log(
+            f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}: {n_jobs} block(s) of {list(block)}"
+            + (f" ({len(regions) * len(images) - n_jobs} already written)" if out.resumed else ""),
+            quiet,
+        )
+        pending[k]["tiles"], pending[k]["skipped"] = len(grid) * len(images), skipped
+
+    if not pending:  # every output exists already
+        return records
+    client, cluster = start_client(dcfg, quiet)
+    t_start = last = time.perf_counter()
+    busy = 0.0
+    try:
+        futures = {}
+        for k, unit, job in jobs:
+            fut = client.submit(run_block, job, pure=False)
+            futures[fut] = (k, unit)
+
+        def commit(k: int) -> None:
+            nonlocal last
+            item = pending.pop(k)
+            if _wants_labels(cfg, task, bool(item["layout"].lead)):
+                _write_labels_blockwise(cfg, item["out"], item["layout"], item["regions"], client)
+            item["out"].commit()
+            now = time.perf_counter()
+            rec = item["record"]
+            run = RunRecord(
+                predictor.engine.label + f" (dask, {dcfg.n_workers} workers)",
+                now - last,  # wall time since the previous output was finished: sums to the stream's
+                item["voxels"],
+                None,
+                tiles=item["tiles"],
+                skipped=item["skipped"],
+            )
+            last = now
+            rec.runs.append(run)
+            if item["tpath"] is not None:
+                written = np.asarray(read_image(rec.output), np.float32)
+                run.metrics = _metrics(
+                    cfg, task, written, _read_target(item["tpath"], written.shape, model_axes)
+                )
+
+        for k in [k for k, item in pending.items() if item["left"] == 0]:
+            commit(k)
+        for fut in as_completed(list(futures)):
+            k, unit = futures.pop(fut)
+            busy += fut.result()["seconds"]  # a failed block raises here; finished ones stay recorded
+            item = pending[k]
+            item["out"].mark(*unit)  # (sample, block): a rerun skips it
+            item["left"] -= 1
+            if item["left"] == 0:
+                commit(k)
+    finally:
+        close_client(client, cluster)
+    _log(
+        f"distributed: {len(jobs)} block task(s) in {time.perf_counter() - t_start:.2f} s wall; "
+        f"the tasks ran {busy:.2f} s in all (engine loading included)",
+        quiet,
+    )
+    return records
+
+
 def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
     """Run the artifact's engine (and, if asked, the original model) over every input image."""
     from tqdm.auto import tqdm
@@ -469,6 +680,12 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         task = "restoration"
     out_paths = output_paths(cfg, files)
 
+    if cfg.distributed is not None and cfg.compare_with_original:
+        raise ConfigError(
+            "distributed: cannot be combined with compare_with_original (the comparison holds both whole "
+            "outputs in memory on one machine)",
+            "set compare_with_original: false, or remove the distributed section",
+        )
     from efficientbioai.infer.gpu import GPU_BACKENDS, choose_backend, nvml_index
 
     backend, why = choose_backend(manifest, cfg.backend)
@@ -491,22 +708,21 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
     predictors = [_predictor(cfg, manifest, e) for e in engines]
     on_gpu = backend in GPU_BACKENDS
     meter = EnergyMeter(enabled=cfg.energy, gpu_index=nvml_index(cfg.gpu.index) if on_gpu else None)
+    band_bytes = int(cfg.tiling.band_memory_mb * 2**20)
     records: list[ImageRecord] = []
     warmed = set()
+    if cfg.distributed is not None:
+        try:
+            records = _infer_distributed(
+                cfg, directory, manifest, files, targets, out_paths, predictors[0], quiet
+            )
+        finally:
+            engines[0].close()
+            meter.close()
+        return InferResult(records, task, threads)
     try:
         for k, (path, tpath, opath) in enumerate(zip(files, targets, out_paths, strict=True)):
-            raw = read_image(path)
-            axes = cfg.axes or read_axes(path)
-            samples = split_batch(raw, axes, str(path))
-            sample_axes = axes.replace("b", "") if axes else None
-            images = [model_layout(s, sample_axes, model_axes, f"input: {path}") for s in samples]
-            for im in images:
-                if im.shape[0] != manifest["input"]["channels"]:
-                    raise EfficientBioAIError(
-                        f"input: {path} has {im.shape[0]} channel(s) (axes '{sample_axes or 'inferred'}') but "
-                        f"the model takes {manifest['input']['channels']}",
-                        "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
-                    )
+            raw, _, images = _open_samples(path, cfg, manifest)
             spatial = tuple(images[0].shape[1:])
             voxels = int(np.prod(spatial)) * len(images)
             record = ImageRecord(path, opath, tuple(raw.shape), "done")
@@ -526,6 +742,76 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 records.append(record)
                 continue
             _log(f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}", quiet)
+            out_channels = manifest["output"]["channels"]
+            if use_out_of_core(
+                cfg.tiling.out_of_core,
+                opath,
+                voxels,
+                out_channels,
+                band_bytes,
+                predictors[0].post,
+                compare=len(engines) > 1,
+            ):
+                predictor = predictors[0]
+                if 0 not in warmed:
+                    predictor.warm_up(images[0].shape[0])
+                    warmed.add(0)
+                layout = output_layout(
+                    spatial, model_axes, out_channels, len(images), predictor.grid(spatial).inner, band_bytes
+                )
+                out = ChunkedOutput(
+                    opath,
+                    layout.shape,
+                    np.float32,
+                    axes=layout.axes,
+                    chunks=layout.chunks,
+                    fingerprint=fingerprint(path, directory, predictor),
+                    pixel_size=read_pixel_size(path),  # the input's pixel sizes carried over
+                )
+                _log(
+                    f"  out of core: chunks of {layout.slab} plane(s) along the first axis written to "
+                    f"{out.store.name} as they complete",
+                    quiet,
+                )
+                if out.resumed:
+                    _log(
+                        f"  resuming {opath.name}: {sum(map(len, out._done.values()))} chunk slab(s) done",
+                        quiet,
+                    )
+                with (
+                    meter.measure() as m,
+                    tqdm(
+                        desc=f"{path.name} · {engines[0].label} (out of core)",
+                        unit="tile",
+                        disable=quiet,
+                        leave=False,
+                    ) as bar,
+                ):
+                    preds = predict_to_output(predictor, images, out, layout, progress=bar)
+                if _wants_labels(cfg, task, bool(layout.lead)):
+                    from efficientbioai.infer.distributed import blocks
+
+                    slabs = blocks(spatial, (layout.slab, *spatial[1:]))
+                    _write_labels_blockwise(cfg, out, layout, slabs)
+                out.commit()
+                run = RunRecord(
+                    engines[0].label,
+                    sum(p.seconds for p in preds),
+                    voxels,
+                    m.reading,
+                    tiles=sum(p.tiles for p in preds),
+                    skipped=sum(p.skipped for p in preds),
+                    skipped_fraction=sum(p.skipped_fraction for p in preds) / len(preds),
+                )
+                for p in preds:
+                    if p.localization is not None:
+                        _log(f"  {path.name}: {localization_note(p)}", quiet)
+                record.runs.append(run)
+                if tpath is not None:
+                    written = np.asarray(read_image(opath), np.float32)
+                    run.metrics = _metrics(cfg, task, written, _read_target(tpath, written.shape, model_axes))
+                records.append(record)
+                continue
             outputs = []
             for e_idx, (engine, predictor) in enumerate(zip(engines, predictors, strict=True)):
                 if e_idx not in warmed:
@@ -566,6 +852,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 axes=None if "b" in out_axes else out_axes,
                 pixel_size=read_pixel_size(path),
             )
+            if _wants_labels(cfg, task, several=outputs[0].ndim != len(model_axes) - 2):
+                labels = metrics.instances_from_probability(
+                    outputs[0], cfg.threshold, cfg.instance.method, cfg.instance.min_size
+                )
+                write_image(labels_path(opath), labels, axes=out_axes, pixel_size=read_pixel_size(path))
             if tpath is not None:
                 target = _read_target(tpath, outputs[0].shape, model_axes)
                 for run, out in zip(record.runs, outputs, strict=True):

@@ -1,8 +1,10 @@
 """Predict one whole image with an engine: lazy tiles → engine (pipelined) → blended output.
 
-Pre-processing steps that need whole-image statistics (per-sample normalisation, percentile scaling) are
-applied to the whole image first; point-wise steps (fixed normalisation, scaling, clipping) are applied
-per tile, so a memory-mapped TIFF or a zarr volume is then only ever read a tile at a time.
+Pre-processing steps that need whole-image statistics (per-sample normalisation, percentile scaling) get
+their statistics once per image from a strided sample and are then applied per tile like the point-wise
+steps (fixed normalisation, scaling, clipping), so a memory-mapped TIFF or a zarr volume is only ever read
+a tile at a time. Where the blended output goes is a :class:`~efficientbioai.infer.merge.Merger`'s
+business: the whole image in memory, or a band flushed to disk chunk by chunk (out of core).
 Post-processing is applied per tile when it is point-wise (e.g. a sigmoid) and to the stitched output
 otherwise.
 """
@@ -18,10 +20,10 @@ import numpy as np
 
 from efficientbioai.engines import Engine
 from efficientbioai.errors import EfficientBioAIError
+from efficientbioai.infer.merge import InMemoryMerger, Merger
 from efficientbioai.localize import uncovered_fraction
-from efficientbioai.processing import apply_steps
+from efficientbioai.processing import apply_steps, fix_statistics
 from efficientbioai.tiling import (
-    Blender,
     Tile,
     TileGrid,
     estimate_background_threshold,
@@ -50,13 +52,27 @@ def split_pointwise(steps: Sequence[dict[str, Any]]) -> tuple[list, list]:
 
 @dataclass
 class Prediction:
-    output: np.ndarray  # (C_out, *spatial) float32
+    output: np.ndarray | None  # (C_out, *spatial) float32; None when a merger wrote it elsewhere
     seconds: float
     tiles: int
     skipped: int = 0
     background_threshold: float | None = None
     tile_shape: tuple[int, ...] = ()
+    computed: int = 0  # tiles sent to the engine in this call (fewer when a run resumes)
     skipped_fraction: float = 0.0  # of the voxels, covered by no run tile (they hold the background value)
+    localization: Any = None  # efficientbioai.localize.Localization when sample localisation ran
+
+
+@dataclass
+class Plan:
+    """What every tile of one image needs (see :meth:`Predictor.plan`)."""
+
+    grid: TileGrid
+    pre: list[dict[str, Any]]  # point-wise pre-processing, statistics fixed
+    skipped: np.ndarray  # bool per grid tile: gets ``value`` instead of an engine call
+    threshold: float | None = None
+    value: np.ndarray | None = None
+    skipped_fraction: float = 0.0  # of the voxels, covered by no run tile
     localization: Any = None  # efficientbioai.localize.Localization when sample localisation ran
 
 
@@ -99,77 +115,138 @@ class Predictor:
         """One untimed engine call at the tile shape (first-call allocations and kernel selection)."""
         self.engine(np.zeros((self.batch_size, channels, *self.tile_shape), np.float32))
 
-    def __call__(self, image, progress: Any = None) -> Prediction:
-        t0 = time.perf_counter()
-        spatial = tuple(image.shape[1:])
-        grid = self.grid(spatial)
-        pre_tile, pre_whole = split_pointwise(self.pre)
-        if pre_whole:  # statistics over the whole image: normalise it once, in memory
-            source = apply_steps(np.asarray(image, np.float32)[np.newaxis], self.pre, self.axes)[0]
-            pre_tile = []
-        else:
-            source = image
-        post_tile, post_whole = split_pointwise(self.post)
+    def prepare(self, image) -> list[dict[str, Any]]:
+        """The pre-processing steps for ``image`` as point-wise steps, applied tile by tile: per-image
+        statistics (per-sample normalisation, percentiles) are measured once on a strided sample
+        (:func:`~efficientbioai.processing.fix_statistics`), never on a float copy of the whole image."""
+        return fix_statistics(self.pre, image, self.axes)
 
+    def skip_flags(self, image, grid: TileGrid, tiles: Sequence[Tile]) -> tuple[list[bool], float | None]:
+        """Which tiles get the constant background value instead of an engine call, and the threshold.
+
+        Tiles flagged here are never sent to the engine; every merger adds them with
+        :meth:`background_value`. The flags depend only on the image and the grid, so every path
+        (in memory, out of core, Dask blocks) skips the same tiles.
+        """
+        if not self.skip_background:
+            return [False] * len(tiles), None
+        stats = [_cheap_statistic(image, t) for t in tiles]
+        threshold = self.background_threshold
+        if threshold is None:
+            threshold = estimate_background_threshold(stats)
+        return [s < threshold for s in stats], threshold
+
+    def background_value(
+        self, image, grid: TileGrid, tiles: Sequence[Tile], skipped, pre_tile, flattest: Tile | None = None
+    ) -> np.ndarray:
+        """The engine's mean output (per channel) on the flattest skipped tile (or on ``flattest``)."""
+        if flattest is None:
+            candidates = [t for t, s in zip(tiles, skipped, strict=True) if s]
+            flattest = min(candidates, key=lambda t: _cheap_statistic(image, t))
+        x = grid.read(image, flattest)[np.newaxis]
+        if pre_tile:
+            x = apply_steps(x, pre_tile, self.axes)
+        out = self.engine(x)
+        post_tile, _ = split_pointwise(self.post)
+        if post_tile:
+            out = apply_steps(out, post_tile, self.axes)
+        inner = out[(0, slice(None), *flattest.crop)]
+        return inner.reshape(inner.shape[0], -1).mean(axis=1)
+
+    def plan(self, image) -> Plan:
+        """Everything about ``image`` that every tile needs: grid, point-wise pre-processing, skipped
+        tiles and their value. Small; computed once per image (also for Dask, then sent to the workers)."""
+        grid = self.grid(tuple(image.shape[1:]))
         tiles = list(grid)
-        run, skipped, threshold = tiles, [], None
-        if self.skip_background:
-            stats = [_cheap_statistic(image, t) for t in tiles]
-            threshold = self.background_threshold
-            if threshold is None:
-                threshold = estimate_background_threshold(stats)
-            run = [t for t, s in zip(tiles, stats, strict=True) if s >= threshold]
-            skipped = [t for t, s in zip(tiles, stats, strict=True) if s < threshold]
+        pre_tile = self.prepare(image)
+        skipped, threshold = self.skip_flags(image, grid, tiles)
         selection = None
         if self.localizer is not None:  # tiles outside the sample join the skipped ones
-            selection = self.localizer.select(image, grid, run, halo=self.halo)
-            run, skipped = selection.run, skipped + selection.outside
-
-        blender = Blender(grid, self.out_channels, self.blend)
-        if progress is not None:
-            progress.reset(total=len(tiles))
-
-        def batches() -> Iterator[np.ndarray]:
-            for i in range(0, len(run), self.batch_size):
-                chunk = run[i : i + self.batch_size]
-                x = np.stack([grid.read(source, t) for t in chunk])
-                yield apply_steps(x, pre_tile, self.axes) if pre_tile else x
-
-        done = 0
-        for out in self.engine.map(batches()):
-            out = self._check(out, grid)
-            if post_tile:
-                out = apply_steps(out, post_tile, self.axes)
-            chunk = run[done : done + len(out)]
-            for t, o in zip(chunk, out, strict=True):
-                blender.add(t, o)
-            done += len(chunk)
-            if progress is not None:
-                progress.update(len(chunk))
-
-        if skipped:
+            candidates = [t for t, s in zip(tiles, skipped, strict=True) if not s]
+            selection = self.localizer.select(image, grid, candidates, halo=self.halo)
+            outside = {id(t) for t in selection.outside}
+            skipped = [s or id(t) in outside for t, s in zip(tiles, skipped, strict=True)]
+        value = None
+        if any(skipped):
             if self.localizer is not None and self.localizer.value is not None:
                 value = np.full(self.out_channels, self.localizer.value, np.float32)
             else:
                 flattest = selection.background_tile if selection is not None else None
-                value = self._background_value(source, grid, skipped, pre_tile, post_tile, image, flattest)
-            for t in skipped:
-                blender.add_constant(t, value)
-            if progress is not None:
-                progress.update(len(skipped))
+                value = self.background_value(image, grid, tiles, skipped, pre_tile, flattest)
+        run = [t for t, s in zip(tiles, skipped, strict=True) if not s]
+        return Plan(
+            grid,
+            pre_tile,
+            np.asarray(skipped, bool),
+            threshold,
+            value,
+            skipped_fraction=uncovered_fraction(grid, run) if any(skipped) else 0.0,
+            localization=selection.localization if selection is not None else None,
+        )
 
-        output = blender.result()
-        if post_whole:
+    def __call__(
+        self, image, progress: Any = None, *, merger: Merger | None = None, plan: Plan | None = None
+    ):
+        """Predict the (C, *spatial) ``image``; the result goes to ``merger`` (default: in memory).
+
+        Tiles are visited in grid order; tiles the merger no longer needs (finished regions of a resumed
+        run, tiles outside a Dask block) are neither read nor run.
+        """
+        t0 = time.perf_counter()
+        plan = plan or self.plan(image)
+        grid = plan.grid
+        post_tile, post_whole = split_pointwise(self.post)
+        if merger is None:
+            merger = InMemoryMerger(grid, self.out_channels, self.blend)
+        if post_whole and not isinstance(merger, InMemoryMerger):
+            raise EfficientBioAIError(
+                "the model's post-processing needs whole-image statistics "
+                f"({', '.join(s['id'] for s in post_whole)}), which out-of-core inference cannot compute",
+                "set tiling.out_of_core: false",
+            )
+        tiles = list(grid)
+        todo = [(t, bool(s)) for t, s in zip(tiles, plan.skipped, strict=True) if merger.needs(t)]
+        run = [t for t, s in todo if not s]
+        if progress is not None:
+            progress.reset(total=len(todo))
+
+        def batches() -> Iterator[np.ndarray]:
+            for i in range(0, len(run), self.batch_size):
+                chunk = run[i : i + self.batch_size]
+                x = np.stack([grid.read(image, t) for t in chunk])
+                yield apply_steps(x, plan.pre, self.axes) if plan.pre else x
+
+        def outputs() -> Iterator[np.ndarray]:
+            for out in self.engine.map(batches()):
+                out = self._check(out, grid)
+                if post_tile:
+                    out = apply_steps(out, post_tile, self.axes)
+                yield from out
+
+        results = outputs()
+        for t, skip in todo:  # grid order, skipped tiles included: every merger adds in the same order
+            if skip:
+                merger.aggregate_constant(t, plan.value)
+            else:
+                merger.aggregate(t, next(results))
+            if progress is not None:
+                progress.update(1)
+        for _ in results:  # closes the engine pipeline
+            pass
+
+        output = merger.finalize()
+        if output is not None and post_whole:
             output = apply_steps(output[np.newaxis], post_whole, self.axes)[0]
         return Prediction(
             output=output,
             seconds=time.perf_counter() - t0,
             tiles=len(tiles),
-            skipped=len(skipped),
-            background_threshold=threshold,
+            skipped=int(plan.skipped.sum()),
+            background_threshold=plan.threshold,
             tile_shape=grid.tile,
-            skipped_fraction=uncovered_fraction(grid, run) if skipped else 0.0,
-            localization=selection.localization if selection is not None else None,
+            computed=len(run),
+            skipped_fraction=plan.skipped_fraction,
+            localization=plan.localization,
         )
 
     def _check(self, out: np.ndarray, grid: TileGrid) -> np.ndarray:
@@ -185,21 +262,6 @@ class Predictor:
                 "the artifact directory is inconsistent: re-run `efficientbioai compress`",
             )
         return out
-
-    def _background_value(
-        self, source, grid, skipped: list[Tile], pre_tile, post_tile, image, flattest: Tile | None = None
-    ) -> np.ndarray:
-        """The engine's mean output (per channel) on the flattest skipped tile (or on ``flattest``)."""
-        if flattest is None:
-            flattest = min(skipped, key=lambda t: _cheap_statistic(image, t))
-        x = grid.read(source, flattest)[np.newaxis]
-        if pre_tile:
-            x = apply_steps(x, pre_tile, self.axes)
-        out = self.engine(x)
-        if post_tile:
-            out = apply_steps(out, post_tile, self.axes)
-        inner = out[(0, slice(None), *flattest.crop)]
-        return inner.reshape(inner.shape[0], -1).mean(axis=1)
 
 
 def _cheap_statistic(image, tile: Tile, stride: int = 4) -> float:

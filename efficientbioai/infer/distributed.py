@@ -1,0 +1,203 @@
+"""`infer` on a Dask cluster: blocks of every output are independent tasks in one task stream.
+
+Each image's output (a :class:`~efficientbioai.io.ChunkedOutput` zarr store under a temporary name) is cut
+into blocks of whole chunks. A task predicts one block: it runs the tiles of the image's *global* tile grid
+that touch the block (so a tile that straddles two blocks is run by both, and blending at block edges is
+exactly that of a single process) into a :class:`~efficientbioai.infer.merge.RegionMerger`, and writes the
+block straight into the store. The client only sends small task descriptions (paths, settings, the
+image's :class:`~efficientbioai.infer.predict.Plan`) and receives a few numbers back; each worker opens the
+artifact's engine once (cached per worker thread) and reads its input lazily. The client records finished
+blocks, so an interrupted run resumes where it stopped; an output is committed (renamed into place, or
+converted to TIFF) when all its blocks are written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from efficientbioai.config import JOBQUEUE_CLUSTERS, DistributedConfig, InferConfig
+from efficientbioai.errors import ConfigError, EfficientBioAIError
+from efficientbioai.infer.merge import RegionMerger
+from efficientbioai.infer.outofcore import OutputLayout
+from efficientbioai.infer.predict import Plan
+
+# default voxels per block (256 MiB of float32 output): big enough that the tiles run twice at block
+# edges are a modest share, small enough for a worker's memory
+BLOCK_VOXELS = 1 << 26
+
+
+# ------------------------------------------------------------------------------------------- cluster
+
+
+def start_client(dcfg: DistributedConfig, quiet: bool = True):
+    """A ``dask.distributed.Client`` for the configured scheduler, and the cluster it started (or None).
+
+    ``local``: a LocalCluster with ``n_workers`` × ``threads_per_worker`` (no dashboard). An address:
+    that running scheduler. ``slurm``/``pbs``/``lsf``/...: the dask-jobqueue cluster class with
+    ``cluster_kwargs``, scaled to ``n_workers`` workers.
+    """
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError as exc:  # pragma: no cover - a dependency of the package
+        raise EfficientBioAIError(
+            "distributed: dask.distributed is not installed", 'pip install "dask[distributed]"'
+        ) from exc
+    scheduler = dcfg.scheduler
+    if scheduler == "local":
+        cluster = LocalCluster(
+            n_workers=dcfg.n_workers,
+            threads_per_worker=dcfg.threads_per_worker,
+            processes=dcfg.processes,
+            dashboard_address=None,
+            silence_logs=50 if quiet else 30,
+        )
+        return Client(cluster), cluster
+    if scheduler in JOBQUEUE_CLUSTERS:
+        try:
+            import dask_jobqueue
+        except ImportError as exc:
+            raise EfficientBioAIError(
+                f"distributed.scheduler: {scheduler} needs dask-jobqueue, which is not installed",
+                'pip install "efficientbioai[cluster]"',
+            ) from exc
+        cls = getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[scheduler])
+        try:
+            cluster = cls(**dcfg.cluster_kwargs)
+        except Exception as exc:
+            raise ConfigError(
+                f"distributed.cluster_kwargs: {JOBQUEUE_CLUSTERS[scheduler]} refused them "
+                f"({type(exc).__name__}: {exc})",
+                "give the keyword arguments dask-jobqueue documents for it (e.g. cores, memory, queue)",
+            ) from exc
+        cluster.scale(dcfg.n_workers)
+        return Client(cluster), cluster
+    try:
+        return Client(scheduler, timeout="30s"), None
+    except Exception as exc:
+        raise EfficientBioAIError(
+            f"distributed.scheduler: no Dask scheduler answered at {scheduler} ({type(exc).__name__}: {exc})",
+            "start one (`dask scheduler`) and give its address, or use scheduler: local",
+        ) from exc
+
+
+# -------------------------------------------------------------------------------------------- blocks
+
+
+def default_block(spatial: Sequence[int], inner: Sequence[int] | None = None) -> tuple[int, ...]:
+    """About :data:`BLOCK_VOXELS` voxels, shaped like the tiles' inner region (``inner``): the tiles run
+    twice at a block edge are about one tile thick whatever the axis, so proportional blocks waste least.
+    Sizes are multiples of 16 (of the tile where larger) and at most the image's."""
+    inner = [int(i) for i in (inner or [1] * len(spatial))]
+    scale = (BLOCK_VOXELS / float(np.prod(inner))) ** (1 / len(spatial))
+    out = []
+    for n, i in zip(spatial, inner, strict=True):
+        unit = 16 if i < 16 else i
+        out.append(int(min(n, max(unit, unit * round(scale * i / unit)))))
+    return tuple(out)
+
+
+def check_block(
+    block: Sequence[int] | None, spatial: Sequence[int], inner: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    if block is None:
+        return default_block(spatial, inner)
+    if len(block) != len(spatial):
+        raise ConfigError(
+            f"distributed.block_shape: {list(block)} has {len(block)} values for {len(spatial)}D images",
+            f"give {len(spatial)} values, e.g. {list(default_block(spatial))}",
+        )
+    return tuple(min(int(b), int(n)) for b, n in zip(block, spatial, strict=True))
+
+
+def blocks(spatial: Sequence[int], block: Sequence[int]) -> list[tuple[slice, ...]]:
+    """The blocks of an image, in C order of their corners."""
+    ranges = [range(0, n, b) for n, b in zip(spatial, block, strict=True)]
+    return [
+        tuple(slice(c, min(c + b, n)) for c, b, n in zip(corner, block, spatial, strict=True))
+        for corner in itertools.product(*ranges)
+    ]
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything a worker needs to predict one block (small: no image data)."""
+
+    cfg: InferConfig
+    artifact: Path
+    backend: str | None
+    engine_threads: int
+    image: Path
+    axes: str | None
+    sample: int
+    plan: Plan
+    store: Path
+    layout: OutputLayout
+    region: tuple[slice, ...]
+
+
+_LOCAL = threading.local()
+
+
+def _worker_engine(job: BlockJob):
+    """The artifact's engine and predictor, opened once per worker thread and kept."""
+    from efficientbioai.infer.pipeline import _predictor, open_engine
+    from efficientbioai.manifest import read_manifest
+
+    cache = getattr(_LOCAL, "engines", None)
+    if cache is None:
+        cache = _LOCAL.engines = {}
+    key = (str(job.artifact), job.backend, job.engine_threads, job.cfg.tiling.model_dump_json())
+    if key not in cache:
+        manifest = read_manifest(job.artifact)
+        engine = open_engine(job.artifact, manifest, job.backend, job.engine_threads)
+        cache[key] = (engine, _predictor(job.cfg, manifest, engine), manifest)
+    return cache[key]
+
+
+def _worker_image(job: BlockJob, model_axes: str):
+    """The (C, *spatial) sample of the job's image, opened lazily and kept for the next blocks."""
+    from efficientbioai.infer.pipeline import model_layout, split_batch
+    from efficientbioai.io import read_image
+
+    cache = getattr(_LOCAL, "images", None)
+    if cache is None:
+        cache = _LOCAL.images = {}
+    key = (str(job.image), job.axes, job.sample)
+    if key not in cache:
+        cache.clear()  # one image at a time per thread: tasks of one image run together
+        raw = read_image(job.image)
+        samples = split_batch(raw, job.axes, str(job.image))
+        sample_axes = job.axes.replace("b", "") if job.axes else None
+        cache[key] = model_layout(samples[job.sample], sample_axes, model_axes, f"input: {job.image}")
+    return cache[key]
+
+
+def run_block(job: BlockJob) -> dict[str, Any]:
+    """Predict one block into the output store (runs on a worker); returns a few numbers."""
+    import zarr
+
+    t0 = time.perf_counter()
+    _, predictor, manifest = _worker_engine(job)
+    image = _worker_image(job, manifest["input"]["axes"])
+    array = zarr.open_array(store=str(job.store), path="0", mode="r+")
+    merger = RegionMerger(
+        job.plan.grid, predictor.out_channels, job.region, predictor.blend, job.layout.sink(array, job.sample)
+    )
+    pred = predictor(image, merger=merger, plan=job.plan)
+    return {"seconds": time.perf_counter() - t0, "computed": pred.computed}
+
+
+def close_client(client, cluster) -> None:
+    try:
+        client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
