@@ -66,7 +66,11 @@ def test_cli_localize_skips_tiles_and_keeps_the_sample_exact(tmp_path, artifact)
     local = tifffile.imread(tmp_path / "local" / "pred" / "slide.tif")
     np.testing.assert_array_equal(local[nuclei_mask], full[nuclei_mask])  # the real int8 engine, bit for bit
     # outside, far from the sample: one background value (the engine's output on empty glass)
-    assert np.ptp(local[:90, :140]) < 1e-5 and abs(local[0, 0] - np.median(full[:90, :140])) < 1.0
+    # (a value the engine gives on glass: within the spread of the full run's output there; the fixture's
+    # artifact is built under the default accuracy budget, so which engine it is can change)
+    glass = full[:90, :140]
+    assert np.ptp(local[:90, :140]) < 1e-5
+    assert np.percentile(glass, 5) < local[0, 0] < np.percentile(glass, 95)
     assert (local != full).mean() == pytest.approx(fraction, abs=0.15)
 
 

@@ -34,7 +34,7 @@ def run_tutorial(name: str, workdir: Path) -> str:
     picture = workdir / "picture.png"
     with Image.open(picture) as im:
         assert im.format == "PNG" and im.width > 3 * im.height  # a row of four panels
-    assert picture.stat().st_size < 200_000
+    assert picture.stat().st_size < 400_000  # a picture for a README, not a data dump (PNG size varies with content)
     return proc.stdout
 
 
