@@ -346,8 +346,13 @@ def child_main(args) -> None:
 # --------------------------------------------------------------------------------------------- parent
 
 
-def prepare(work: Path, shape: tuple[int, ...], threads: int, calib_tiles: int) -> dict:
-    """Volume, calibration TIFF, seeded network and its int8 artifact in ``work``; the manifest."""
+def int8_artifact(work: Path, threads: int, calib_tiles: int) -> dict:
+    """A calibration TIFF, the seeded (random-weight) 3D U-Net and its plain int8 artifact
+    (``work / "artifact"``); returns the manifest. Shared by the scale and localisation benchmarks.
+
+    Speed benchmarks of random weights: the accuracy budget is switched off explicitly
+    (``max_drop: null``), so that plain int8 is what gets timed, as before the default budget existed.
+    """
     import torch
     from monai.networks.nets import UNet
 
@@ -356,15 +361,8 @@ def prepare(work: Path, shape: tuple[int, ...], threads: int, calib_tiles: int) 
     from efficientbioai.io import write_image
     from efficientbioai.synthetic import nuclei
 
-    t0 = time.perf_counter()
-    volume, _ = nuclei(shape, seed=VOLUME_SEED)
-    np.save(work / "volume.npy", volume[np.newaxis].astype(np.float32))
     calib, _ = nuclei(CALIB_SHAPE, seed=CALIB_SEED)
     write_image(work / "calibration" / "nuclei.tif", calib, axes="zyx")
-    print(
-        f"  generated the volume {shape} and a {CALIB_SHAPE} calibration TIFF ({time.perf_counter() - t0:.1f} s)"
-    )
-
     torch.manual_seed(0)
     torch.save(UNet(**KWARGS).state_dict(), work / "unet3d.pt")
     cfg = validate_config(
@@ -381,15 +379,28 @@ def prepare(work: Path, shape: tuple[int, ...], threads: int, calib_tiles: int) 
                 "tile_shape": list(TILE),
                 "num_tiles": calib_tiles,
             },
-            "quantize": {"precision": "int8"},
+            "quantize": {"precision": "int8", "max_drop": None},
             "engine": {"threads": threads, "latency_repeats": 3},
             "output": str(work / "artifact"),
         },
         CompressConfig,
     )
+    return compress(cfg, quiet=True).manifest
+
+
+def prepare(work: Path, shape: tuple[int, ...], threads: int, calib_tiles: int) -> dict:
+    """Volume, calibration TIFF, seeded network and its int8 artifact in ``work``; the manifest."""
+    from efficientbioai.synthetic import nuclei
+
     t0 = time.perf_counter()
-    result = compress(cfg, quiet=True)
-    m = result.manifest
+    volume, _ = nuclei(shape, seed=VOLUME_SEED)
+    np.save(work / "volume.npy", volume[np.newaxis].astype(np.float32))
+    print(
+        f"  generated the volume {shape} and a {CALIB_SHAPE} calibration TIFF ({time.perf_counter() - t0:.1f} s)"
+    )
+
+    t0 = time.perf_counter()
+    m = int8_artifact(work, threads, calib_tiles)
     lat, fid = m["latency"], m["fidelity"]
     print(
         f"  compressed to int8 in {time.perf_counter() - t0:.0f} s on {m['calibration']['tiles']} calibration "
@@ -397,6 +408,21 @@ def prepare(work: Path, shape: tuple[int, ...], threads: int, calib_tiles: int) 
         f"{lat['original']['median_ms']:.0f} ms, int8 {lat['compressed']['median_ms']:.0f} ms"
     )
     return m
+
+
+def child_result(cmd: list[str], name: str) -> tuple[dict, float]:
+    """Run a child benchmark process; its RESULT record (plus ``other_cores``: CPU time used by everything
+    else on the machine meanwhile, in cores on average) and its wall time."""
+    busy0, own0, t0 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    busy1, own1, wall = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter() - t0
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"child '{name}' failed (exit {proc.returncode})")
+    result = json.loads(lines[-1][len(RESULT) :])
+    result["other_cores"] = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    return result, wall
 
 
 def run_child(name: str, args, work: Path) -> dict:
@@ -412,17 +438,12 @@ def run_child(name: str, args, work: Path) -> dict:
         "--repeats",
         str(args.repeats),
     ]
-    busy0, own0, t0 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    busy1, own1, wall = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter() - t0
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"child '{name}' failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len(RESULT) :])
-    # CPU time used by everything else on the machine while the child ran, in cores on average
-    result["other_cores"] = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
-    other = "" if busy0 is None else f"; other processes used {result['other_cores']:.2f} cores meanwhile"
+    result, wall = child_result(cmd, name)
+    other = (
+        ""
+        if result["other_cores"] is None
+        else f"; other processes used {result['other_cores']:.2f} cores meanwhile"
+    )
     print(
         f"  {name}: median {statistics.median(result['seconds']):.2f} s per volume "
         f"(child ran {wall:.0f} s{other})",

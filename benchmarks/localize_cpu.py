@@ -36,7 +36,6 @@ import json
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +45,8 @@ from pathlib import Path
 
 import numpy as np
 from compress_cpu import cpu_model  # sibling benchmark scripts (their folder is on sys.path)
-from infer_cpu import OVERLAP, RESULT, own_cpu_seconds, prepare, quiet_libraries
+from infer_cpu import OVERLAP, RESULT, child_result, own_cpu_seconds, prepare, quiet_libraries
 
-from efficientbioai.benchmark.environment import machine_busy_seconds
 from efficientbioai.engines import default_threads
 from efficientbioai.report import table
 
@@ -166,19 +164,15 @@ def child_main(args) -> None:
 def run_child(name: str, work: Path, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--workdir", str(work)]
     cmd += ["--threads", str(threads)]
-    busy0, own0, t0 = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    busy1, own1, wall = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter() - t0
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"child '{name}' failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len(RESULT) :])
-    result["other_cores"] = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    result, _ = child_result(cmd, name)
     print(
         f"  {name}: infer {result['infer_seconds']:.2f} s (latency {result['latency_seconds']:.2f} s), "
         f"{result['skipped']}/{result['tiles']} tiles skipped"
-        + ("" if busy0 is None else f"; other processes used {result['other_cores']:.2f} cores"),
+        + (
+            ""
+            if result["other_cores"] is None
+            else f"; other processes used {result['other_cores']:.2f} cores"
+        ),
         flush=True,
     )
     return result

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from compress_cpu import cpu_model  # sibling benchmark scripts (their folder is on sys.path)
-from infer_cpu import CALIB_SEED, CALIB_SHAPE, KWARGS, OVERLAP, quiet_libraries
+from infer_cpu import OVERLAP, int8_artifact, quiet_libraries
 
 from efficientbioai.engines import default_threads
 from efficientbioai.report import table
@@ -77,40 +77,8 @@ def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
 
 
 def prepare_artifact(work: Path, threads: int, calib_tiles: int) -> Path:
-    import torch
-    from monai.networks.nets import UNet
-
-    from efficientbioai.compress import compress
-    from efficientbioai.config import CompressConfig, validate_config
-    from efficientbioai.io import write_image
-    from efficientbioai.synthetic import nuclei
-
-    calib, _ = nuclei(CALIB_SHAPE, seed=CALIB_SEED)
-    write_image(work / "calibration" / "nuclei.tif", calib, axes="zyx")
-    torch.manual_seed(0)
-    torch.save(UNet(**KWARGS).state_dict(), work / "unet3d.pt")
-    cfg = validate_config(
-        {
-            "model": {
-                "kind": "monai",
-                "name": "UNet",
-                "kwargs": KWARGS,
-                "checkpoint": str(work / "unet3d.pt"),
-                "axes": "bczyx",
-            },
-            "calibration": {
-                "images": str(work / "calibration"),
-                "tile_shape": list(TILE),
-                "num_tiles": calib_tiles,
-            },
-            "quantize": {"precision": "int8"},
-            "engine": {"threads": threads, "latency_repeats": 3},
-            "output": str(work / "artifact"),
-        },
-        CompressConfig,
-    )
     t0 = time.perf_counter()
-    m = compress(cfg, quiet=True).manifest
+    m = int8_artifact(work, threads, calib_tiles)
     print(
         f"  compressed to int8 in {time.perf_counter() - t0:.0f} s; one 16x128x128 tile: torch "
         f"{m['latency']['original']['median_ms']:.0f} ms, int8 {m['latency']['compressed']['median_ms']:.0f} ms",

@@ -643,22 +643,23 @@ class GpuConfig(_Strict):
     channels_last: bool = Field(True, description="backend torch-cuda: channels-last memory format")
 
 
+BACKENDS = (
+    "openvino",
+    "onnxruntime",
+    "torch",
+    "tensorrt",
+    "torch-cuda",
+    "onnxruntime-cuda",
+    "onnxruntime-tensorrt",
+)
+"""The engines ``infer`` can run (``backend:``)."""
+
+
 class InferConfig(_Strict):
     """`efficientbioai infer`: run a compressed engine over whole images."""
 
     model: Path = Field(description="an artifact directory written by `efficientbioai compress`")
-    backend: (
-        Literal[
-            "openvino",
-            "onnxruntime",
-            "torch",
-            "tensorrt",
-            "torch-cuda",
-            "onnxruntime-cuda",
-            "onnxruntime-tensorrt",
-        ]
-        | None
-    ) = Field(
+    backend: Literal[BACKENDS] | None = Field(
         None,
         description="engine to run: openvino | onnxruntime | torch (the original model) on the CPU; tensorrt | "
         "torch-cuda (the original model) | onnxruntime-cuda | onnxruntime-tensorrt on an NVIDIA GPU "

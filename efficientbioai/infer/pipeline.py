@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from efficientbioai import metrics
-from efficientbioai.config import InferConfig, LocalizeConfig, ModelConfig
+from efficientbioai.config import BACKENDS, InferConfig, LocalizeConfig, ModelConfig
 from efficientbioai.energy import (
     EnergyMeter,
     EnergyReading,
@@ -38,16 +38,6 @@ from efficientbioai.manifest import read_manifest
 from efficientbioai.models.base import sha256
 from efficientbioai.report import table
 from efficientbioai.tiling import check_tile_shape
-
-BACKENDS = (
-    "openvino",
-    "onnxruntime",
-    "torch",
-    "tensorrt",
-    "torch-cuda",
-    "onnxruntime-cuda",
-    "onnxruntime-tensorrt",
-)
 
 
 def _log(msg: str, quiet: bool) -> None:
