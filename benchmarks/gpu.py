@@ -46,17 +46,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from infer_cpu import KWARGS  # sibling benchmark script (its folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_UNET2D = REPO.parent / "shared" / "models" / "unet2d_nuclei_broad"
-UNET3D = {
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 1,
-    "channels": [16, 32, 64, 128, 256],
-    "strides": [2, 2, 2, 2],
-    "num_res_units": 2,
-}  # benchmarks/infer_cpu.py's network
+UNET3D = KWARGS  # benchmarks/infer_cpu.py's network
 TARGET_SPEEDUP, TARGET_DROP = 5.0, 0.005
 NO_GPU = (
     "benchmarks/gpu.py needs an NVIDIA GPU with CUDA and PyTorch's CUDA build: torch.cuda.is_available() is "
