@@ -48,7 +48,7 @@ from compress_cpu import cpu_model  # sibling benchmark scripts (on sys.path)
 from infer_cpu import own_cpu_seconds
 
 from efficientbioai.benchmark.environment import machine_busy_seconds
-from efficientbioai.report import table
+from efficientbioai.tables import table
 
 TARGET_NETWORK, TARGET_TOTAL = 5.0, 2.0
 IMAGE_SEED, TRAIN_SEEDS, CALIB_SEEDS = 2048, range(8), range(100, 104)
@@ -113,10 +113,10 @@ def prepare(work: Path, args) -> tuple[Path, Path]:
 
 def fp32_engine_model(artifact: Path, threads: int):
     """The artifact's model.onnx in OpenVINO fp32 behind the same cellpose stand-in as the int8 engine."""
+    from efficientbioai.artifact import read_manifest
     from efficientbioai.cellpose.network import EngineNet
     from efficientbioai.cellpose.run import _cellpose_model
     from efficientbioai.engines import OpenVINOEngine
-    from efficientbioai.manifest import read_manifest
     from efficientbioai.models.cellpose import cellpose_spec
 
     spec = cellpose_spec(read_manifest(artifact))

@@ -44,7 +44,7 @@ from efficientbioai.compress.rewrite import rewrite_summary
 from efficientbioai.config import ModelConfig, QuantizeConfig
 from efficientbioai.engines import OpenVINOEngine, TorchEngine, default_threads, median_latency_ms
 from efficientbioai.models import load_model
-from efficientbioai.report import table
+from efficientbioai.tables import table
 
 BIOIMAGEIO = Path(__file__).resolve().parents[2] / "shared" / "models" / "unet2d_nuclei_broad"
 ROWS = ("PyTorch fp32 eager", "OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8")

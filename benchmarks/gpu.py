@@ -224,17 +224,17 @@ def compress_spec(spec: dict, work: Path, tensorrt_precision: str) -> Path:
     return out
 
 
-def calibration_tiles(spec: dict, manifest: dict, n: int = 32) -> list[np.ndarray]:
+def calibration_tiles(spec: dict, manifest, n: int = 32) -> list[np.ndarray]:
     """Preprocessed tiles of the calibration images (random positions, seeded)."""
     from efficientbioai.io import expand_paths, read_image, to_model_layout
     from efficientbioai.processing import apply_steps
 
-    axes = manifest["input"]["axes"]
+    axes = manifest.input.axes
     rng = np.random.default_rng(0)
     images = [
         apply_steps(
             to_model_layout(read_image(f), spec.get("calibration_axes"), axes, str(f))[np.newaxis],
-            manifest["input"].get("preprocessing") or [],
+            manifest.input.preprocessing,
             axes,
         )[0]
         for f in expand_paths(spec["calibration"], "calibration")
@@ -249,18 +249,11 @@ def calibration_tiles(spec: dict, manifest: dict, n: int = 32) -> list[np.ndarra
 
 
 def time_engine(engine, manifest, artifact: Path, image, args, meter) -> dict:
-    from efficientbioai.config import InferConfig
-    from efficientbioai.infer.pipeline import _predictor
+    from efficientbioai.config import TilingConfig
+    from efficientbioai.infer import Predictor
 
-    icfg = InferConfig.model_validate(
-        {
-            "model": str(artifact),
-            "input": "unused",
-            "output": "unused",
-            "tiling": {"tile_shape": list(engine_tile(manifest)), "batch_size": args.batch},
-        }
-    )
-    predictor = _predictor(icfg, manifest, engine)
+    tiling = TilingConfig(tile_shape=list(engine_tile(manifest)), batch_size=args.batch)
+    predictor = Predictor.from_artifact(manifest, engine, tiling)
     predictor.warm_up(image.shape[0])
     out = predictor(image).output  # untimed: allocator, cuDNN / TensorRT tactics
     seconds, joules = [], []
@@ -280,22 +273,22 @@ def time_engine(engine, manifest, artifact: Path, image, args, meter) -> dict:
     }
 
 
-def engine_tile(manifest: dict) -> tuple[int, ...]:
-    return tuple(manifest["calibration"]["tile_shape"])
+def engine_tile(manifest) -> tuple[int, ...]:
+    return tuple(manifest.calibration.tile_shape)
 
 
 def run_model(spec: dict, args, work: Path, meter, trt_ok: bool, trt_why: str) -> list[dict]:
     import torch
 
     from efficientbioai import metrics
+    from efficientbioai.artifact import Artifact
     from efficientbioai.compress.tensorrt import prepare_onnx, profile_shapes
     from efficientbioai.engines.cuda import TorchCudaEngine, gpu_description
     from efficientbioai.engines.tensorrt import FP8_MIN_CAPABILITY, TensorRTEngine, build_plan
-    from efficientbioai.infer.pipeline import open_original
-    from efficientbioai.manifest import read_manifest
 
     artifact = compress_spec(spec, work, "int8" if "int8" in args.precisions else "fp16")
-    manifest = read_manifest(artifact)
+    art = Artifact(artifact)
+    manifest = art.manifest
     image = spec["image"]
     rows: list[dict] = []
 
@@ -306,9 +299,9 @@ def run_model(spec: dict, args, work: Path, meter, trt_ok: bool, trt_why: str) -
         print(f"  {label:<32} {r['seconds']:.3f} s")
         torch.cuda.empty_cache()
 
-    original = open_original(manifest, 1).module
+    original = art.open_original(1).module
     add("PyTorch fp32 eager (original)", TorchCudaEngine(original, "fp32", channels_last=False))
-    add("torch fp16 autocast, channels-last", TorchCudaEngine(open_original(manifest, 1).module, "fp16"))
+    add("torch fp16 autocast, channels-last", TorchCudaEngine(art.open_original(1).module, "fp16"))
     if not trt_ok:
         print(f"  TensorRT rows skipped: {trt_why}")
     else:
@@ -316,9 +309,9 @@ def run_model(spec: dict, args, work: Path, meter, trt_ok: bool, trt_why: str) -
         tiles = calibration_tiles(spec, manifest)
         profile = profile_shapes(
             engine_tile(manifest),
-            manifest["input"]["channels"],
-            manifest["input"].get("tile_min"),
-            manifest["input"].get("tile_step"),
+            manifest.input.channels,
+            manifest.input.tile_min,
+            manifest.input.tile_step,
             args.batch,
             args.batch,
         )
@@ -369,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     from efficientbioai.engines.cuda import gpu_description
     from efficientbioai.engines.tensorrt import tensorrt_version
     from efficientbioai.infer.gpu import nvml_index
-    from efficientbioai.report import table
+    from efficientbioai.tables import table
 
     gpu = gpu_description()
     trt_ok, trt_why = gpu_status()

@@ -55,7 +55,7 @@ from compress_cpu import cpu_model  # the sibling benchmark script (its folder i
 
 from efficientbioai.benchmark.environment import machine_busy_seconds
 from efficientbioai.engines import default_threads
-from efficientbioai.report import table
+from efficientbioai.tables import table
 
 KWARGS = {
     "spatial_dims": 3,
@@ -86,9 +86,9 @@ def default_hint() -> str:
     """The PERFORMANCE_HINT that ``efficientbioai infer`` compiles its OpenVINO engine with."""
     import inspect
 
-    from efficientbioai.infer.pipeline import open_engine
+    from efficientbioai.artifact import Artifact
 
-    return inspect.signature(open_engine).parameters["hint"].default
+    return inspect.signature(Artifact.open_engine).parameters["hint"].default
 
 
 def quiet_libraries(nncf: bool = False) -> None:
@@ -268,31 +268,22 @@ def child_torch(work: Path, threads: int, repeats: int) -> dict:
 
 
 def child_engine(name: str, work: Path, threads: int, repeats: int) -> dict:
-    from efficientbioai.config import InferConfig, validate_config
+    from efficientbioai.artifact import Artifact
+    from efficientbioai.config import TilingConfig
     from efficientbioai.energy import EnergyMeter
     from efficientbioai.engines import OpenVINOEngine
-    from efficientbioai.infer.pipeline import _predictor, open_engine
-    from efficientbioai.manifest import read_manifest
+    from efficientbioai.infer import Predictor
     from efficientbioai.processing import apply_steps
 
     _, precision, hint = ENGINES[name]
-    artifact = work / "artifact"
-    manifest = read_manifest(artifact)
+    artifact = Artifact(work / "artifact")
+    manifest = artifact.manifest
     if precision == "fp32":
-        engine = OpenVINOEngine(artifact / manifest["engines"]["onnx"]["path"], "fp32", threads, hint=hint)
+        engine = OpenVINOEngine(artifact.path(manifest.engines.onnx.path), "fp32", threads, hint=hint)
     else:
-        engine = open_engine(artifact, manifest, "openvino", threads, hint=hint)
-    cfg = validate_config(
-        {
-            "model": str(artifact),
-            "input": str(work / "volume.npy"),
-            "output": str(work / "predictions"),
-            "tiling": {"tile_shape": list(TILE), "overlap": OVERLAP, "blend": "gaussian", "batch_size": 1},
-            "threads": threads,
-        },
-        InferConfig,
-    )
-    predictor = _predictor(cfg, manifest, engine)
+        engine = artifact.open_engine("openvino", threads, hint=hint)
+    tiling = TilingConfig(tile_shape=list(TILE), overlap=OVERLAP, blend="gaussian", batch_size=1)
+    predictor = Predictor.from_artifact(manifest, engine, tiling)
     volume = np.load(work / "volume.npy")  # (1, Z, Y, X) float32, in memory
     # the raw engine's input: the same tiles (and point-wise pre-processing, if any), in memory
     grid = predictor.grid(volume.shape[1:])
@@ -401,9 +392,9 @@ def prepare(work: Path, shape: tuple[int, ...], threads: int, calib_tiles: int) 
 
     t0 = time.perf_counter()
     m = int8_artifact(work, threads, calib_tiles)
-    lat, fid = m["latency"], m["fidelity"]
+    lat, fid = m.latency, m.fidelity
     print(
-        f"  compressed to int8 in {time.perf_counter() - t0:.0f} s on {m['calibration']['tiles']} calibration "
+        f"  compressed to int8 in {time.perf_counter() - t0:.0f} s on {m.calibration.tiles} calibration "
         f"tiles; held-out tiles: Pearson r {fid['pearson']:.5f}; one tile: torch "
         f"{lat['original']['median_ms']:.0f} ms, int8 {lat['compressed']['median_ms']:.0f} ms"
     )

@@ -48,7 +48,7 @@ from compress_cpu import cpu_model  # sibling benchmark scripts (their folder is
 from infer_cpu import OVERLAP, RESULT, child_result, own_cpu_seconds, prepare, quiet_libraries
 
 from efficientbioai.engines import default_threads
-from efficientbioai.report import table
+from efficientbioai.tables import table
 
 SAMPLE_FRACTION = 0.25
 TARGET_SPEEDUP = 2.5

@@ -52,8 +52,8 @@ from efficientbioai.compress.pipeline import candidates_table  # noqa: E402
 from efficientbioai.config import validate_config  # noqa: E402
 from efficientbioai.engines import OpenVINOEngine, TorchEngine  # noqa: E402
 from efficientbioai.errors import FidelityError  # noqa: E402
-from efficientbioai.report import human_bytes, human_count, table  # noqa: E402
 from efficientbioai.synthetic import nuclei  # noqa: E402
+from efficientbioai.tables import human_bytes, human_count, table  # noqa: E402
 
 NOISE = 0.25
 MAX_PEARSON_DROP = 0.01  # the default budget
@@ -191,10 +191,10 @@ def main() -> None:
                 continue
             manifests[name] = res.manifest
             m = res.manifest
-            ft = next((s for s in m["transformations"] if s["step"] == "fine_tune"), None)
-            q = next((s for s in m["transformations"] if s["step"] == "quantize_int8"), None)
+            ft = next((s for s in m.transformations if s["step"] == "fine_tune"), None)
+            q = next((s for s in m.transformations if s["step"] == "quantize_int8"), None)
             print(
-                f"compressed '{name}' in {time.perf_counter() - t:.0f} s: {m['strategy']['chosen']}"
+                f"compressed '{name}' in {time.perf_counter() - t:.0f} s: {m.strategy['chosen']}"
                 + (
                     f"; fine-tuning {ft['steps']} steps ({ft['stopped']}): validation r to the original "
                     f"{ft['validation_pearson_to_original']['before']:.4f}"
@@ -205,10 +205,10 @@ def main() -> None:
                 + (f"; {len(q['float_layers'])} layers kept in float" if q and "float_layers" in q else ""),
                 flush=True,
             )
-            if len(m["strategy"]["candidates"]) > 2:
+            if len(m.strategy["candidates"]) > 2:
                 print(candidates_table(m), flush=True)
             engines[name] = OpenVINOEngine(
-                res.output / "openvino" / "model.xml", m["precision"], args.threads
+                res.output / "openvino" / "model.xml", m.precision, args.threads
             )
 
         x = test_noisy[None, None].astype(np.float32)
@@ -233,12 +233,12 @@ def main() -> None:
             rows.append(
                 [
                     name,
-                    human_count(m["size"]["parameters_compressed"]),
-                    human_bytes(m["size"]["compressed_bytes"]),
+                    human_count(m.size["parameters_compressed"]),
+                    human_bytes(m.size["compressed_bytes"]),
                     f"{lat[name]:.1f}",
                     f"{ref / lat[name]:.2f}x",
                     f"{int8 / lat[name]:.2f}x",
-                    f"{m['fidelity']['pearson']:.5f}",
+                    f"{m.fidelity['pearson']:.5f}",
                     f"{metrics.pearson(outs[name], test_clean):.4f}",
                 ]
             )
@@ -260,8 +260,8 @@ def main() -> None:
                 f"{(1, 1, *tile)}, {args.threads} thread(s), {args.repeats} interleaved rounds (network only)",
             )
         )
-        budget_rows = [n for n, m in manifests.items() if m["strategy"]["budget"] is not None]
-        missed = [n for n in budget_rows if 1 - manifests[n]["fidelity"]["pearson"] > MAX_PEARSON_DROP + 1e-12]
+        budget_rows = [n for n, m in manifests.items() if m.strategy["budget"] is not None]
+        missed = [n for n in budget_rows if 1 - manifests[n].fidelity["pearson"] > MAX_PEARSON_DROP + 1e-12]
         print(
             f"targets: every model written under the default budget keeps Pearson drop <= {MAX_PEARSON_DROP}: "
             + ("met" if not missed else f"NOT met ({', '.join(missed)})")

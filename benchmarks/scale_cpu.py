@@ -44,7 +44,7 @@ from compress_cpu import cpu_model  # sibling benchmark scripts (their folder is
 from infer_cpu import OVERLAP, int8_artifact, quiet_libraries
 
 from efficientbioai.engines import default_threads
-from efficientbioai.report import table
+from efficientbioai.tables import table
 
 TILE = (16, 128, 128)
 RESULT = "@@RESULT@@ "
@@ -81,7 +81,7 @@ def prepare_artifact(work: Path, threads: int, calib_tiles: int) -> Path:
     m = int8_artifact(work, threads, calib_tiles)
     print(
         f"  compressed to int8 in {time.perf_counter() - t0:.0f} s; one 16x128x128 tile: torch "
-        f"{m['latency']['original']['median_ms']:.0f} ms, int8 {m['latency']['compressed']['median_ms']:.0f} ms",
+        f"{m.latency['original']['median_ms']:.0f} ms, int8 {m.latency['compressed']['median_ms']:.0f} ms",
         flush=True,
     )
     return work / "artifact"

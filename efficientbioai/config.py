@@ -653,6 +653,8 @@ BACKENDS = (
     "onnxruntime-tensorrt",
 )
 """The engines ``infer`` can run (``backend:``)."""
+GPU_BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime-cuda", "onnxruntime-tensorrt")
+"""The backends that run on an NVIDIA GPU."""
 
 
 class InferConfig(_Strict):

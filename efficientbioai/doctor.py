@@ -21,10 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from efficientbioai.benchmark.environment import CPU_FLAGS, cpu_info
-from efficientbioai.report import human_bytes
+from efficientbioai.tables import human_bytes
 
 PIP_CORE = 'pip install torch==2.13.0 && pip install efficientbioai   # or pip install -e "." in a clone'
 
@@ -403,9 +401,14 @@ def _infer_needs(data: dict, libs, gpu) -> list[Need]:
     needs: list[Need] = []
     artifact = Path(str(data.get("model")))
     kind = None
-    with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):
-        kind = (yaml.safe_load((artifact / "manifest.yaml").read_text()).get("model") or {}).get("kind")
-    if not (artifact / "manifest.yaml").is_file():
+    if (artifact / "manifest.yaml").is_file():
+        from efficientbioai.artifact import read_manifest
+
+        try:
+            kind = read_manifest(artifact).model.kind
+        except EfficientBioAIError as exc:  # damaged, or written by another version
+            needs.append(Need(f"artifact {artifact}", exc.problem, False, exc.fix))
+    else:
         needs.append(
             Need(
                 f"artifact {artifact}",

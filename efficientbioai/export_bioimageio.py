@@ -30,8 +30,8 @@ import numpy as np
 import tifffile
 import yaml
 
+from efficientbioai.artifact import Manifest, read_manifest
 from efficientbioai.errors import EfficientBioAIError
-from efficientbioai.manifest import read_manifest
 from efficientbioai.models.base import sha256
 
 FORMAT_VERSION = "0.5.4"
@@ -86,14 +86,14 @@ def steps_05(steps: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------- test tensors
 
 
-def _sample_input(manifest: dict[str, Any], sample: Path | None, sample_axes: str | None) -> np.ndarray:
+def _sample_input(manifest: Manifest, sample: Path | None, sample_axes: str | None) -> np.ndarray:
     """(1, C, *tile) raw input: the centre tile of ``sample`` or of the first calibration image."""
     from efficientbioai.io import read_image, to_model_layout
     from efficientbioai.sampling import pad_to
 
-    axes = manifest["input"]["axes"]
+    axes = manifest.input.axes
     if sample is None:
-        images = [Path(p) for p in manifest.get("calibration", {}).get("images", []) if Path(p).exists()]
+        images = [Path(p) for p in manifest.calibration.images if Path(p).exists()]
         if not images:
             raise EfficientBioAIError(
                 "no sample image for the package's test tensors: the artifact's calibration images are gone",
@@ -101,19 +101,19 @@ def _sample_input(manifest: dict[str, Any], sample: Path | None, sample_axes: st
             )
         sample = images[0]
     image = to_model_layout(read_image(sample), sample_axes, axes, f"--sample {sample}")
-    tile = tuple(int(t) for t in manifest["calibration"]["tile_shape"])
+    tile = tuple(int(t) for t in manifest.calibration.tile_shape)
     image = pad_to(np.asarray(image, np.float32), tile)
     start = [(s - t) // 2 for s, t in zip(image.shape[1:], tile, strict=True)]
     crop = image[(slice(None),) + tuple(slice(a, a + t) for a, t in zip(start, tile, strict=True))]
     return np.ascontiguousarray(crop[np.newaxis], np.float32)
 
 
-def _run(engine, x: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
+def _run(engine, x: np.ndarray, manifest: Manifest) -> np.ndarray:
     from efficientbioai.processing import apply_steps
 
-    axes = manifest["input"]["axes"]
-    pre = apply_steps(x, manifest["input"]["preprocessing"], axes)
-    return apply_steps(engine(pre), manifest["output"]["postprocessing"], axes).astype(np.float32)
+    axes = manifest.input.axes
+    pre = apply_steps(x, manifest.input.preprocessing, axes)
+    return apply_steps(engine(pre), manifest.output.postprocessing, axes).astype(np.float32)
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -149,7 +149,7 @@ def _fmt(v: Any, digits: int = 5) -> str:
 
 
 def readme(
-    manifest: dict[str, Any],
+    manifest: Manifest,
     test_note: str,
     engine_agreement: float | None,
     files: dict,
@@ -157,13 +157,13 @@ def readme(
     spec_version: str,
 ) -> str:
     m = manifest
-    lat, size, fid = m["latency"], m["size"], m["fidelity"]
+    lat, size, fid = m.latency, m.size, m.fidelity
     o, c = lat["original"], lat["compressed"]
     lines = [
-        f"# {m['model']['name']}, compressed with efficientbioai ({m['precision']})",
+        f"# {m.model.name}, compressed with efficientbioai ({m.precision})",
         "",
         f"Written by `efficientbioai export-bioimageio` from an artifact that `efficientbioai compress` "
-        f"{m['efficientbioai_version']} built on {m['created']}.",
+        f"{m.efficientbioai_version} built on {m.created}.",
         "",
         "## Files",
         "",
@@ -173,7 +173,7 @@ def readme(
     if files.get("openvino_xml"):
         lines.append(
             f"- `{files['openvino_xml']}` + `{files['openvino_bin']}` (attachments): the compressed OpenVINO "
-            f"engine, {m['precision']} — the fast CPU engine: `efficientbioai infer` runs it, or "
+            f"engine, {m.precision} — the fast CPU engine: `efficientbioai infer` runs it, or "
             "`openvino.Core().compile_model(xml, 'CPU')`."
         )
     lines += [
@@ -183,23 +183,23 @@ def readme(
         "## What was done to the model",
         "",
     ]
-    for step in m.get("transformations") or []:
+    for step in m.transformations:
         detail = ", ".join(
             f"{k}: {_fmt(v)}" for k, v in step.items() if k != "step" and not isinstance(v, dict | list)
         )
         lines.append(f"- {step.get('step')}" + (f" ({detail})" if detail else ""))
-    src = m["model"]
+    src = m.model
     lines += [
         "",
-        f"Source: {src.get('kind')} model `{src.get('name')}`"
-        + (f", weights {src.get('weights')} (sha256 {src.get('sha256')})" if src.get("sha256") else "")
+        f"Source: {src.kind} model `{src.name}`"
+        + (f", weights {src.fact('weights')} (sha256 {src.fact('sha256')})" if src.fact("sha256") else "")
         + ".",
         "",
         "## Fidelity and speed (measured by `compress` on held-out tiles)",
         "",
         "| | original | compressed |",
         "|---|---|---|",
-        f"| engine | {o['backend']} fp32 | {c['backend']} {m['precision']} |",
+        f"| engine | {o['backend']} fp32 | {c['backend']} {m.precision} |",
         f"| latency / tile {tuple(lat['tile_shape'])}, {lat['threads']} threads | {o['median_ms']:.1f} ms "
         f"| {c['median_ms']:.1f} ms ({o['median_ms'] / c['median_ms']:.2f}× faster) |",
         f"| parameters | {size['parameters']} | {size.get('parameters_compressed') or size['parameters']} |",
@@ -208,7 +208,7 @@ def readme(
     ]
     if "compressed_metric" in fid:
         lines.append(f"| {fid['metric']} | {fid['original_metric']:.4f} | {fid['compressed_metric']:.4f} |")
-    pt = m.get("package_test")
+    pt = m.package_test
     if pt:
         lines += [
             "",
@@ -237,33 +237,33 @@ def readme(
 # ---------------------------------------------------------------------------------------------- export
 
 
-def _source_package(manifest: dict[str, Any]):
+def _source_package(manifest: Manifest):
     """The source bioimage.io package, when the model came from one that is still on disk."""
     from efficientbioai.models.bioimageio import Package
 
-    rdf = manifest["model"].get("rdf")
-    if manifest["model"].get("kind") != "bioimageio" or not rdf or not Path(rdf).is_file():
+    rdf = manifest.model.fact("rdf")
+    if manifest.model.kind != "bioimageio" or not rdf or not Path(rdf).is_file():
         return None
     return Package(Path(rdf))
 
 
-def _axes_in(manifest: dict[str, Any], pkg, tensor_id: str) -> list[dict[str, Any]]:
-    inp = manifest["input"]
-    spatial = inp["axes"][2:]
-    halo = inp.get("halo") or [0] * len(spatial)
-    names = _channel_names(pkg, "in", inp["channels"])
+def _axes_in(manifest: Manifest, pkg, tensor_id: str) -> list[dict[str, Any]]:
+    inp = manifest.input
+    spatial = inp.axes[2:]
+    halo = inp.halo or [0] * len(spatial)
+    names = _channel_names(pkg, "in", inp.channels)
     axes: list[dict[str, Any]] = [{"type": "batch"}, {"type": "channel", "channel_names": names}]
-    for a, mn, st, h in zip(spatial, inp["tile_min"], inp["tile_step"], halo, strict=True):
+    for a, mn, st, h in zip(spatial, inp.tile_min, inp.tile_step, halo, strict=True):
         # bioimage.io wants the smallest size to leave something inside the halo on both sides
         k = max(0, -(-(2 * h + 1 - mn) // st))
         axes.append({"type": "space", "id": a, "size": {"min": int(mn + k * st), "step": int(st)}})
     return axes
 
 
-def _axes_out(manifest: dict[str, Any], pkg, in_id: str) -> list[dict[str, Any]]:
-    spatial = manifest["input"]["axes"][2:]
-    halo = manifest["input"].get("halo") or [0] * len(spatial)
-    names = _channel_names(pkg, "out", manifest["output"]["channels"])
+def _axes_out(manifest: Manifest, pkg, in_id: str) -> list[dict[str, Any]]:
+    spatial = manifest.input.axes[2:]
+    halo = manifest.input.halo or [0] * len(spatial)
+    names = _channel_names(pkg, "out", manifest.output.channels)
     axes: list[dict[str, Any]] = [{"type": "batch"}, {"type": "channel", "channel_names": names}]
     for a, h in zip(spatial, halo, strict=True):
         ax: dict[str, Any] = {"type": "space", "id": a, "size": {"tensor_id": in_id, "axis_id": a}}
@@ -321,8 +321,7 @@ def export_bioimageio(
     as_zip = output.suffix.lower() == ".zip"
     threads = threads or default_threads()
     pkg = _source_package(manifest)
-    m_in = manifest["input"]
-    ndim = len(m_in["axes"]) - 2
+    ndim = manifest.input.ndim
     if pkg is None and license is None:
         raise EfficientBioAIError(
             "--license is needed: the model did not come from a bioimage.io package, so its license is unknown",
@@ -336,10 +335,10 @@ def export_bioimageio(
         shutil.copyfile(artifact / "model.onnx", folder / "weights.onnx")
         files: dict[str, str] = {"weights": "weights.onnx"}
         attachments = []
-        ov = manifest["engines"].get("openvino")
+        ov = manifest.engines.openvino
         if ov:
-            stem = f"openvino_{manifest['precision']}"
-            xml = artifact / ov["path"]
+            stem = f"openvino_{manifest.precision}"
+            xml = artifact / ov.path
             shutil.copyfile(xml, folder / f"{stem}.xml")
             shutil.copyfile(xml.with_suffix(".bin"), folder / f"{stem}.bin")
             files.update(openvino_xml=f"{stem}.xml", openvino_bin=f"{stem}.bin")
@@ -379,9 +378,7 @@ def export_bioimageio(
         np.save(folder / "test_output.npy", y)
         agreement = None
         if ov:
-            precision = (
-                manifest["precision"] if manifest["precision"] == "int8" else ov["requested_precision"]
-            )
+            precision = manifest.precision if manifest.precision == "int8" else ov.requested_precision
             with OpenVINOEngine(folder / files["openvino_xml"], precision, threads) as engine:
                 agreement = pearson(_run(engine, x, manifest), y)
         cover_png(folder / "cover.png", x, y, ndim)
@@ -394,14 +391,14 @@ def export_bioimageio(
 
         in_id, out_id = _tensor_id(pkg, "in", "input"), _tensor_id(pkg, "out", "output")
         doc = pkg.doc if pkg is not None else {}
-        base_name = name or f"{manifest['model']['name']} {manifest['precision']} (efficientbioai)"
+        base_name = name or f"{manifest.model.name} {manifest.precision} (efficientbioai)"
         rdf: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "type": "model",
             "name": base_name,
             "description": (
-                f"{manifest['model']['name']} compressed by efficientbioai: {manifest['precision']} OpenVINO "
-                f"engine (attachment) with Pearson r {manifest['fidelity']['pearson']:.5f} to the original "
+                f"{manifest.model.name} compressed by efficientbioai: {manifest.precision} OpenVINO "
+                f"engine (attachment) with Pearson r {manifest.fidelity['pearson']:.5f} to the original "
                 "on held-out tiles; ONNX weights."
             )[:1024],
             "authors": [{"name": a} for a in authors]
@@ -422,7 +419,7 @@ def export_bioimageio(
             "documentation": "README.md",
             "covers": ["cover.png"],
             "tags": sorted(
-                set((doc.get("tags") or []) + ["efficientbioai", manifest["precision"], "openvino"])
+                set((doc.get("tags") or []) + ["efficientbioai", manifest.precision, "openvino"])
             ),
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "inputs": [
@@ -435,8 +432,8 @@ def export_bioimageio(
                         "sha256": sha256(folder / "sample_input.tif"),
                     },
                     **(
-                        {"preprocessing": steps_05(m_in["preprocessing"], "preprocessing")}
-                        if m_in["preprocessing"]
+                        {"preprocessing": steps_05(manifest.input.preprocessing, "preprocessing")}
+                        if manifest.input.preprocessing
                         else {}
                     ),
                 }
@@ -454,8 +451,8 @@ def export_bioimageio(
                         "sha256": sha256(folder / "sample_output.tif"),
                     },
                     **(
-                        {"postprocessing": steps_05(manifest["output"]["postprocessing"], "postprocessing")}
-                        if manifest["output"]["postprocessing"]
+                        {"postprocessing": steps_05(manifest.output.postprocessing, "postprocessing")}
+                        if manifest.output.postprocessing
                         else {}
                     ),
                 }
@@ -500,8 +497,8 @@ def export_bioimageio(
     }
 
 
-def _opset(manifest: dict[str, Any], path: Path) -> int:
-    for step in manifest.get("transformations") or []:
+def _opset(manifest: Manifest, path: Path) -> int:
+    for step in manifest.transformations:
         if step.get("step") == "export_onnx" and step.get("opset"):
             return int(step["opset"])
     import onnx
@@ -510,17 +507,17 @@ def _opset(manifest: dict[str, Any], path: Path) -> int:
     return max(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _config_facts(manifest: dict[str, Any], files: dict, how: str, agreement: float | None) -> dict[str, Any]:
+def _config_facts(manifest: Manifest, files: dict, how: str, agreement: float | None) -> dict[str, Any]:
     return {
-        "precision": manifest["precision"],
-        "transformations": manifest.get("transformations"),
-        "fidelity": manifest.get("fidelity"),
-        "package_test": manifest.get("package_test"),
+        "precision": manifest.precision,
+        "transformations": manifest.transformations,
+        "fidelity": manifest.fidelity,
+        "package_test": manifest.package_test,
         "latency_ms": {
-            "tile_shape": manifest["latency"]["tile_shape"],
-            "threads": manifest["latency"]["threads"],
-            "original": manifest["latency"]["original"]["median_ms"],
-            "compressed": manifest["latency"]["compressed"]["median_ms"],
+            "tile_shape": manifest.latency["tile_shape"],
+            "threads": manifest.latency["threads"],
+            "original": manifest.latency["original"]["median_ms"],
+            "compressed": manifest.latency["compressed"]["median_ms"],
         },
         "openvino": {"xml": files.get("openvino_xml"), "bin": files.get("openvino_bin")}
         if files.get("openvino_xml")
@@ -528,7 +525,9 @@ def _config_facts(manifest: dict[str, Any], files: dict, how: str, agreement: fl
         "test_output": how,
         "openvino_pearson_on_test_tensor": agreement,
         "source": {
-            k: manifest["model"].get(k) for k in ("name", "kind", "weights", "sha256", "format_version")
+            "name": manifest.model.name,
+            "kind": manifest.model.kind,
+            **{k: manifest.model.fact(k) for k in ("weights", "sha256", "format_version")},
         },
     }
 

@@ -667,6 +667,10 @@ class ChunkedOutput:
             )
             self._save()
 
+    def finished_count(self) -> int:
+        """How many units (slabs, blocks) are recorded as written, over all keys."""
+        return sum(map(len, self._done.values()))
+
     def done(self, key: Any = 0) -> set[int]:
         """Units of work recorded as finished under ``key`` (e.g. the sample index)."""
         return set(self._done.get(str(key), []))

@@ -14,6 +14,7 @@ from efficientbioai.cli import main
 from efficientbioai.errors import ConfigError
 
 from .conftest import REPO, SHARED_MODEL
+from .manifests import manifest_stub
 
 BASE = {
     "model": {
@@ -165,7 +166,7 @@ def test_gpu_rows_are_the_original_and_autocast_variants():
     from efficientbioai.benchmark.runner import Row, gpu_rows
 
     def variant(name, precision, steps=()):
-        manifest = {"precision": precision, "transformations": [{"step": "export_onnx"}, *steps]}
+        manifest = manifest_stub(precision=precision, transformations=[{"step": "export_onnx"}, *steps])
         return Row(name, name, "cpu", "variant", artifact=Path(name), manifest=manifest)
 
     rows = [

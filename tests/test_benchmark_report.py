@@ -18,6 +18,8 @@ from efficientbioai.benchmark.panels import image_panels
 from efficientbioai.benchmark.report import finite, load_schema, render_html, render_markdown
 from efficientbioai.benchmark.runner import ImageEntry, Row, build_report
 
+from .manifests import manifest_stub
+
 SVG = "{http://www.w3.org/2000/svg}"
 
 
@@ -48,15 +50,15 @@ def _runs(seconds: list[float], joules: float | None = 1.0, peak=500e6) -> list[
     ]
 
 
-def _manifest(precision: str, compressed_bytes: int, steps=()) -> dict:
-    return {
-        "model": {"name": "TinyNet"},
-        "input": {"axes": "bcyx"},
-        "precision": precision,
-        "transformations": [{"step": "export_onnx"}, *steps],
-        "size": {"parameters": 1000, "original_bytes": 4000, "compressed_bytes": compressed_bytes},
-        "fidelity": {"pearson": 0.999},
-    }
+def _manifest(precision: str, compressed_bytes: int, steps=()):
+    return manifest_stub(
+        model={"name": "TinyNet"},
+        input={"axes": "bcyx", "channels": 1},
+        precision=precision,
+        transformations=[{"step": "export_onnx"}, *steps],
+        size={"parameters": 1000, "original_bytes": 4000, "compressed_bytes": compressed_bytes},
+        fidelity={"pearson": 0.999},
+    )
 
 
 def _ready(label: str, backend: str, precision: str) -> dict:

@@ -7,11 +7,11 @@ import pytest
 import torch
 import yaml
 
+from efficientbioai.artifact import read_manifest
 from efficientbioai.compress import compress
 from efficientbioai.config import validate_config
 from efficientbioai.engines import OpenVINOEngine
 from efficientbioai.errors import FidelityError
-from efficientbioai.manifest import read_manifest
 from efficientbioai.models.base import sha256
 from efficientbioai.processing import apply_steps
 
@@ -49,7 +49,7 @@ def test_cli_compresses_3d_monai_unet_to_int8(tmp_path, monai3d):
     assert proc.returncode == 0, proc.stderr
     assert "openvino int8" in proc.stdout and "latency / tile (1, 1, 16, 32, 32)" in proc.stdout
     out = Path(monai3d["output"])
-    m = read_manifest(out)
+    m = read_manifest(out).model_dump()
     assert m["precision"] == "int8"
     assert m["input"]["axes"] == "bczyx" and m["input"]["tile_step"] == [4, 4, 4]
     assert [t["step"] for t in m["transformations"]] == [
@@ -102,7 +102,7 @@ def test_cli_2d_torchscript_bf16_with_targets(tmp_path, images2d):
     )
     proc = run_cli("compress", "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    m = read_manifest(tmp_path / "runs" / "net2d_bf16")
+    m = read_manifest(tmp_path / "runs" / "net2d_bf16").model_dump()
     assert m["engines"]["openvino"]["requested_precision"] == "bf16"
     assert m["engines"]["openvino"]["precision"] in ("bf16", "fp32")  # what the CPU really runs
     assert m["fidelity"]["metric"] == "iou_vs_target"
@@ -155,7 +155,7 @@ def test_bioimageio_int8_matches_original_on_its_test_input(shared_model, tmp_pa
     )
     with pytest.warns(UserWarning, match="own test tensors"):
         result = compress(cfg, quiet=True)
-    m = result.manifest
+    m = result.manifest.model_dump()
     # the whole 512×512 test input through the int8 engine vs the original TorchScript model
     engine = OpenVINOEngine(result.output / m["engines"]["openvino"]["path"], "int8")
     from efficientbioai.models import load_model
@@ -197,7 +197,7 @@ def test_onnx_file_with_fixed_shapes_is_quantized_on_the_openvino_side(tmp_path,
         }
     )
     result = compress(cfg, quiet=True)
-    m = result.manifest
+    m = result.manifest.model_dump()
     assert m["model"]["weights"] == "onnx" and m["input"]["tile_step"] == [4, 4]
     assert m["latency"]["original"]["backend"] == "onnxruntime"
     assert [t["step"] for t in m["transformations"]][0] == "onnx_dynamic_axes"

@@ -38,6 +38,7 @@ from efficientbioai.config import CompressConfig, InferConfig, validate_config
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 
 from .conftest import TINY_UNET_KWARGS, blobs, run_cli, tiny_unet
+from .manifests import manifest_stub
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU; none on this machine")
@@ -392,9 +393,9 @@ def test_infer_tensorrt_without_gpu_says_what_is_missing(trt_artifact, tmp_path)
 
 @no_gpu_here
 def test_infer_default_backend_without_gpu_is_the_cpu_engine(trt_artifact, tmp_path, capsys):
+    from efficientbioai.artifact import read_manifest
     from efficientbioai.infer import infer
     from efficientbioai.infer.gpu import choose_backend
-    from efficientbioai.manifest import read_manifest
 
     backend, why = choose_backend(read_manifest(trt_artifact), None)
     assert backend == "onnxruntime" and "no NVIDIA GPU" in why
@@ -415,18 +416,22 @@ def test_default_backend_with_a_gpu(monkeypatch):
     from efficientbioai.infer.gpu import choose_backend
 
     monkeypatch.setattr(cuda, "cuda_available", lambda: True)
-    torch_original = {
-        "engines": {"primary": {"backend": "openvino"}, "tensorrt": {"precision": "int8"}},
-        "model": {"config": {"kind": "monai"}},
-        "latency": {"original": {"backend": "torch"}},
-    }
+    torch_original = manifest_stub(
+        engines={
+            "onnx": {"backend": "onnxruntime", "precision": "fp32", "path": "model.onnx"},
+            "primary": {"backend": "openvino", "precision": "int8"},
+            "tensorrt": {"precision": "int8"},
+        },
+        model={"name": "unet", "config": {"kind": "monai"}},
+        latency={"original": {"backend": "torch"}},
+    )
     monkeypatch.setattr(ct, "gpu_status", lambda: (True, ""))
     assert choose_backend(torch_original, None)[0] == "tensorrt"
     assert choose_backend(torch_original, "openvino") == ("openvino", "backend set in the config")
     monkeypatch.setattr(ct, "gpu_status", lambda: (False, "the tensorrt package is not installed"))
     backend, why = choose_backend(torch_original, None)
     assert backend == "torch-cuda" and "tensorrt package is not installed" in why
-    onnx_original = {**torch_original, "latency": {"original": {"backend": "onnxruntime"}}}
+    onnx_original = torch_original.model_copy(update={"latency": {"original": {"backend": "onnxruntime"}}})
     assert choose_backend(onnx_original, None)[0] == "openvino"  # nothing to run on the GPU
 
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 from torch import nn
 
+from efficientbioai.artifact import read_manifest
 from efficientbioai.compress import compress
 from efficientbioai.compress import prune as prune_mod
 from efficientbioai.compress.export import export_onnx, to_openvino
@@ -28,7 +29,6 @@ from efficientbioai.compress.prune import count_parameters, fine_tune, prune
 from efficientbioai.config import FineTuneConfig, PruneConfig, validate_config
 from efficientbioai.engines import OnnxRuntimeEngine, OpenVINOEngine
 from efficientbioai.errors import ConfigError, EfficientBioAIError
-from efficientbioai.manifest import read_manifest
 from efficientbioai.metrics import relative_l2
 
 from .conftest import REPO, blobs, run_cli, tiny_unet
@@ -262,7 +262,7 @@ def test_cli_auto_strategy_with_pruning_keeps_the_fastest_candidate_within_budge
     )
     assert proc.returncode == 0, proc.stderr
     assert "strategy auto" in proc.stdout and "prune 0.5 + int8" in proc.stdout
-    m = read_manifest(Path(unet3d["output"]))
+    m = read_manifest(Path(unet3d["output"])).model_dump()
     cands = {c["name"]: c for c in m["strategy"]["candidates"]}
     assert set(cands) == {
         "int8", "int8 + float fallback", "bf16", "fp32",
@@ -291,7 +291,7 @@ def test_tight_budget_selects_a_higher_precision_and_holds(tmp_path, unet3d):
         "compress", "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--quiet", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
-    m = read_manifest(Path(unet3d["output"]))
+    m = read_manifest(Path(unet3d["output"])).model_dump()
     cands = {c["name"]: c for c in m["strategy"]["candidates"]}
     assert cands["int8"]["status"].startswith("over budget")
     assert m["strategy"]["chosen"] != "int8"
@@ -342,7 +342,7 @@ def test_max_drop_null_writes_the_artifact_and_says_the_budget_was_off(tmp_path,
     assert "no accuracy budget is checked" in proc.stderr
     assert "accuracy budget: OFF (quantize.max_drop: null)" in proc.stdout
     assert "within budget" not in proc.stdout + proc.stderr
-    m = read_manifest(Path(unet3d["output"]))
+    m = read_manifest(Path(unet3d["output"])).model_dump()
     assert m["strategy"]["budget"] is None
     (cand,) = m["strategy"]["candidates"]
     assert cand["status"] == "chosen" and cand["metric_drop"] is None
@@ -450,7 +450,7 @@ def test_pruned_int8_artifact_runs_in_infer_without_the_original_class(tmp_path,
          "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    m = read_manifest(tmp_path / "pruned")
+    m = read_manifest(tmp_path / "pruned").model_dump()
     prune_step, ft_step = m["transformations"][:2]
     assert prune_step["step"] == "prune" and prune_step["parameters_after"] < prune_step["parameters_before"]
     assert ft_step["mode"] == "supervised"  # targets were given
@@ -510,7 +510,7 @@ def test_bioimageio_state_dict_package_is_pruned_from_its_pytorch_weights(tmp_pa
         "output": str(tmp_path / "out"),
     }
     result = compress(validate_config(cfg), quiet=True)
-    m = result.manifest
+    m = result.manifest.model_dump()
     assert m["model"]["weights"] == "pytorch_state_dict"  # chosen over TorchScript because pruning needs it
     assert m["transformations"][0]["step"] == "prune"
     assert m["size"]["parameters_compressed"] < m["size"]["parameters"]

@@ -173,7 +173,7 @@ def test_compress_records_the_rewrite_and_the_engine_still_matches(tmp_path, ima
         "engine": {"latency_repeats": 1},
         "output": str(tmp_path / "out"),
     }
-    manifest = compress(validate_config(cfg), quiet=True).manifest
+    manifest = compress(validate_config(cfg), quiet=True).manifest.model_dump()
     steps = {t["step"]: t for t in manifest["transformations"]}
     if rewrite:
         assert steps["rewrite"]["pointwise_before_upsample"] == ["/narrow/Conv"]
@@ -284,7 +284,7 @@ def test_monai_unet_int8_through_compress_with_the_output_layer_rewritten(tmp_pa
         "engine": {"latency_repeats": 1},
         "output": str(tmp_path / "out"),
     }
-    manifest = compress(validate_config(cfg), quiet=True).manifest
+    manifest = compress(validate_config(cfg), quiet=True).manifest.model_dump()
     step = next(t for t in manifest["transformations"] if t["step"] == "rewrite")
     assert len(step["transposed_conv_to_subpixel"]) == 2  # both up layers have ≤ 8 output channels
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node]

@@ -76,21 +76,18 @@ def write_config(src: Path, dst: Path, updates: dict[str, Any] | None = None) ->
 
 def model_outputs(artifact: Path, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(original, compressed) outputs of an artifact for one (C, *spatial) raw image run as one tile."""
+    from efficientbioai.artifact import Artifact
     from efficientbioai.engines import default_threads
-    from efficientbioai.infer.pipeline import open_engine, open_original
-    from efficientbioai.manifest import read_manifest
     from efficientbioai.processing import apply_steps
 
-    manifest = read_manifest(artifact)
-    axes = manifest["input"]["axes"]
-    x = apply_steps(image[np.newaxis].astype(np.float32), manifest["input"]["preprocessing"], axes)
+    art = Artifact(artifact)
+    manifest = art.manifest
+    axes = manifest.input.axes
+    x = apply_steps(image[np.newaxis].astype(np.float32), manifest.input.preprocessing, axes)
     outs = []
-    for engine in (
-        open_original(manifest, default_threads()),
-        open_engine(artifact, manifest, None, default_threads()),
-    ):
+    for engine in (art.open_original(default_threads()), art.open_engine(None, default_threads())):
         with engine:
-            outs.append(apply_steps(engine(x), manifest["output"]["postprocessing"], axes)[0])
+            outs.append(apply_steps(engine(x), manifest.output.postprocessing, axes)[0])
     return outs[0], outs[1]
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from efficientbioai.benchmark import plots
 from efficientbioai.benchmark.environment import flag_summary
-from efficientbioai.report import human_bytes
+from efficientbioai.tables import human_bytes
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 SHOWN_METRICS = {

@@ -35,6 +35,7 @@ import numpy as np
 
 import efficientbioai
 from efficientbioai import metrics
+from efficientbioai.artifact import Manifest
 from efficientbioai.benchmark import environment
 from efficientbioai.benchmark.config import (
     BenchmarkConfig,
@@ -205,7 +206,7 @@ class Row:
     kind: str  # "original" | "variant"
     precision: str = "fp32"  # GPU rows: autocast precision
     artifact: Path | None = None
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     compress_seconds: float | None = None
     status: str = "ok"  # ok | failed
     error: str | None = None
@@ -315,9 +316,6 @@ def resolve_devices(cfg: BenchmarkConfig, env: dict[str, Any], notes: list[str])
     return devices
 
 
-def _pruned(manifest: dict[str, Any]) -> bool:
-    return any("prun" in str(t.get("step", "")) for t in manifest.get("transformations", []))
-
 
 def gpu_rows(variants: list[Row], notes: list[str]) -> list[Row]:
     """GPU rows: the original (PyTorch fp32) and, as PyTorch autocast, the fp16 / bf16 variants."""
@@ -327,8 +325,8 @@ def gpu_rows(variants: list[Row], notes: list[str]) -> list[Row]:
     for r in variants:
         if r.status != "ok":
             continue
-        prec = r.manifest["precision"]
-        if prec in ("fp16", "bf16") and not _pruned(r.manifest):
+        prec = r.manifest.precision
+        if prec in ("fp16", "bf16") and not r.manifest.pruned:
             rows.append(Row(f"{r.variant}@gpu", r.variant, "gpu", "variant", prec, r.artifact, r.manifest))
         else:
             skipped.append(r.variant)
@@ -493,7 +491,7 @@ def benchmark(cfg: BenchmarkConfig, *, quiet: bool = False, source: str = "confi
     # every row uses the same tiles: the configured shape, else the first variant's calibration tile
     tiling = cfg.tiling.model_dump(mode="json")
     if tiling["tile_shape"] is None:
-        tiling["tile_shape"] = list(ok[0].manifest["calibration"]["tile_shape"])
+        tiling["tile_shape"] = list(ok[0].manifest.calibration.tile_shape)
 
     _log(f"[3/5] starting {len(runnable)} rows (one process each) and warming up", quiet)
     timing_started = time.perf_counter()
@@ -533,7 +531,7 @@ def benchmark(cfg: BenchmarkConfig, *, quiet: bool = False, source: str = "confi
                 f"see the logs in {out / 'logs'}",
             )
         for im in images:  # shapes in the model's layout, for the report
-            im.shape = tuple(load_image(im.spec(), ok[0].manifest["input"]["axes"]).shape)
+            im.shape = tuple(load_image(im.spec(), ok[0].manifest.input.axes).shape)
 
         _log(
             f"[4/5] timing: {cfg.runs.repeats} run(s) per image and row, interleaved "
@@ -623,11 +621,11 @@ def _stats(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _transformations(manifest: dict[str, Any] | None) -> list[str]:
-    if not manifest:
+def _transformations(manifest: Manifest | None) -> list[str]:
+    if manifest is None:
         return []
     out = []
-    for t in manifest.get("transformations", []):
+    for t in manifest.transformations:
         step = str(t.get("step"))
         if step in ("export_onnx", "onnxslim", "onnx_dynamic_axes"):
             continue
@@ -646,8 +644,7 @@ def _transformations(manifest: dict[str, Any] | None) -> list[str]:
 
 
 def _size(row: Row) -> dict[str, Any]:
-    m = row.manifest or {}
-    size = m.get("size") or {}
+    size = row.manifest.size if row.manifest is not None else {}
     params = size.get("parameters")
     if row.kind == "original" or row.device == "gpu":
         b = size.get("original_bytes")
@@ -675,7 +672,7 @@ def _row_report(row: Row, images: list[ImageEntry], scores: dict[str, Any]) -> d
         "transformations": _transformations(row.manifest) if row.kind == "variant" else [],
         "artifact": str(row.artifact) if row.kind == "variant" and row.artifact else None,
         "compress_seconds": row.compress_seconds,
-        "compress_fidelity": (row.manifest or {}).get("fidelity") if row.kind == "variant" else None,
+        "compress_fidelity": row.manifest.fidelity if row.kind == "variant" and row.manifest else None,
         "latency": None,
         "per_image": [],
         "throughput_mvoxel_s": None,
@@ -698,8 +695,8 @@ def _row_report(row: Row, images: list[ImageEntry], scores: dict[str, Any]) -> d
         "precision": rd.get("precision"),
         "requested_precision": row.precision
         if row.device == "gpu"
-        else (row.manifest or {}).get("precision")
-        if row.kind == "variant"
+        else row.manifest.precision
+        if row.kind == "variant" and row.manifest
         else "fp32",
         "threads": rd.get("threads"),
     }
@@ -825,7 +822,7 @@ def build_report(
     out_rows = [_row_report(r, images, scores) for r in rows]
     _add_ratios(out_rows)
     ok = [r for r in rows if r.manifest]
-    model_name = (ok[0].manifest or {}).get("model", {}).get("name") if ok else None
+    model_name = ok[0].manifest.model.name if ok else None
     notes = list(notes)
     energies = [r["energy"] for r in out_rows if r["energy"] and r["energy"]["joules_median"] is not None]
     if energies:
@@ -842,7 +839,7 @@ def build_report(
         notes.insert(0, "energy: unavailable (see each row's energy.source in report.json)")
     else:
         notes.insert(0, "energy: not measured (energy: false in the config)")
-    unbudgeted = [r.id for r in ok if not ((r.manifest or {}).get("strategy") or {}).get("budget")]
+    unbudgeted = [r.id for r in ok if not (r.manifest.strategy or {}).get("budget")]
     if unbudgeted:
         notes.append(
             f"{', '.join(unbudgeted)}: compressed with quantize.max_drop: null, so no accuracy budget was "
@@ -875,7 +872,7 @@ def build_report(
         "model": {
             "name": model_name,
             "kind": cfg.model.kind,
-            "axes": ok[0].manifest["input"]["axes"] if ok else None,
+            "axes": ok[0].manifest.input.axes if ok else None,
         },
         "task": cfg.task,
         "primary_metric": PRIMARY_METRIC.get(cfg.task) if (cfg.task and targets) else None,

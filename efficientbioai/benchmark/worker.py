@@ -114,7 +114,7 @@ class PeakRSS:
 
 def load_image(entry: dict[str, Any], model_axes: str) -> np.ndarray:
     """One benchmark image as an in-memory (C, *spatial) array in the model's layout."""
-    from efficientbioai.infer.pipeline import model_layout, split_batch
+    from efficientbioai.infer.images import model_layout, split_batch
     from efficientbioai.io import read_axes, read_image
 
     path = Path(entry["path"])
@@ -131,26 +131,25 @@ def load_image(entry: dict[str, Any], model_axes: str) -> np.ndarray:
 
 
 def build_engine(spec: dict[str, Any], threads: int):
+    from efficientbioai.artifact import Artifact
     from efficientbioai.engines import TorchEngine
     from efficientbioai.engines.cuda import TorchCudaEngine
     from efficientbioai.errors import EfficientBioAIError
-    from efficientbioai.infer.pipeline import open_engine, open_original
-    from efficientbioai.manifest import read_manifest
 
-    directory = Path(spec["artifact"])
-    manifest = read_manifest(directory)
+    artifact = Artifact(spec["artifact"])
+    manifest = artifact.manifest
     if spec["device"] == "cpu":
         if spec["kind"] == "original":
-            engine = open_original(manifest, threads)
+            engine = artifact.open_original(threads)
             engine.label = (
                 f"{engine.backend} fp32 eager (original)"
                 if engine.backend == "torch"
                 else (f"{engine.backend} fp32 (original)")
             )
         else:
-            engine = open_engine(directory, manifest, None, threads)
+            engine = artifact.open_engine(None, threads)
         return engine, manifest
-    original = open_original(manifest, threads)
+    original = artifact.open_original(threads)
     if not isinstance(original, TorchEngine):
         raise EfficientBioAIError(
             "the original model exists only as ONNX: it has no PyTorch module to run on the GPU",
@@ -173,10 +172,10 @@ def build_engine(spec: dict[str, Any], threads: int):
 def serve(spec: dict[str, Any]) -> None:
     import os
 
-    from efficientbioai.config import InferConfig
+    from efficientbioai.config import TilingConfig
     from efficientbioai.energy import EnergyMeter
     from efficientbioai.infer.gpu import nvml_index
-    from efficientbioai.infer.pipeline import _predictor
+    from efficientbioai.infer.predict import Predictor
 
     t_start = time.perf_counter()
     threads = int(spec["threads"])
@@ -187,17 +186,8 @@ def serve(spec: dict[str, Any]) -> None:
 
         torch.set_num_threads(threads)
     engine, manifest = build_engine(spec, threads)
-    icfg = InferConfig.model_validate(
-        {
-            "model": spec["artifact"],
-            "input": spec["images"][0]["path"],
-            "output": spec["outputs"],
-            "tiling": spec["tiling"],
-            "threads": threads,
-        }
-    )
-    predictor = _predictor(icfg, manifest, engine)
-    model_axes = manifest["input"]["axes"]
+    predictor = Predictor.from_artifact(manifest, engine, TilingConfig.model_validate(spec["tiling"]))
+    model_axes = manifest.input.axes
     images = [load_image(e, model_axes) for e in spec["images"]]
     cuda = spec["device"] == "gpu"
     sync = getattr(engine, "synchronize", None) or (lambda: None)

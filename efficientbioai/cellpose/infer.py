@@ -17,15 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from efficientbioai.artifact import Artifact
 from efficientbioai.cellpose.run import average_precision, engine_model, original_model, segment
 from efficientbioai.config import InferConfig
 from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
 from efficientbioai.engines import default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
-from efficientbioai.infer.pipeline import energy_note, output_paths, target_files
+from efficientbioai.infer.images import output_paths, target_files
+from efficientbioai.infer.results import energy_note
 from efficientbioai.io import expand_paths, read_axes, read_image, read_pixel_size, write_image
 from efficientbioai.models.cellpose import cellpose_spec, parse_channels
-from efficientbioai.report import table
+from efficientbioai.tables import table
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -235,13 +237,12 @@ def _warm_up(model, image: np.ndarray, channel_axis: int | None, kwargs: dict[st
     segment(model, image[tuple(sl)], channel_axis=channel_axis, **kwargs)
 
 
-def infer_cellpose(
-    cfg: InferConfig, directory: Path, manifest: dict[str, Any], *, quiet: bool = False
-) -> CellposeInferResult:
+def infer_cellpose(cfg: InferConfig, artifact: Artifact, *, quiet: bool = False) -> CellposeInferResult:
     """Segment every input with cellpose running the artifact's engine (and the original, if asked)."""
     from tqdm.auto import tqdm
 
-    spec = cellpose_spec(manifest)
+    directory = artifact.directory
+    spec = cellpose_spec(artifact.manifest)
     settings = _settings(cfg)
     if "tiling" in cfg.model_fields_set:
         warnings.warn(

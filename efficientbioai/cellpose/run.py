@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from efficientbioai.artifact import Artifact
 from efficientbioai.engines import default_threads
-from efficientbioai.manifest import read_manifest
 from efficientbioai.models.cellpose import cellpose_spec, parse_channels, require_cellpose
 
 AP_THRESHOLDS = (0.5, 0.75, 0.9)
@@ -62,15 +62,13 @@ def engine_model(
     OpenVINO is compiled with the LATENCY hint (all ``threads`` on one request).
     """
     from efficientbioai.cellpose.network import EngineNet
-    from efficientbioai.infer.pipeline import open_engine
 
-    directory = Path(artifact).expanduser().resolve()
-    manifest = read_manifest(directory)
-    spec = cellpose_spec(manifest)
+    art = Artifact(artifact)
+    spec = cellpose_spec(art.manifest)
     threads = threads or default_threads()
     if backend == "torch":
-        return original_model(directory, threads)
-    engine = open_engine(directory, manifest, backend, threads, hint=hint)
+        return original_model(art.directory, threads)
+    engine = art.open_engine(backend, threads, hint=hint)
     net = EngineNet(
         engine,
         nchan=spec["nchan"],
@@ -97,12 +95,11 @@ def original_model(
     from efficientbioai.models import load_model
 
     if isinstance(source, dict):
-        spec_cfg = source
+        _, loaded = load_model(ModelConfig.model_validate(source))
     else:
-        manifest = read_manifest(Path(source).expanduser().resolve())
-        cellpose_spec(manifest)
-        spec_cfg = manifest["model"]["config"]
-    _, loaded = load_model(ModelConfig.model_validate(spec_cfg))
+        art = Artifact(source)
+        cellpose_spec(art.manifest)
+        _, loaded = art.load_original()
     spec = loaded.source["cellpose"]
     if mkldnn is None:
         mkldnn = bool(torch.backends.mkldnn.is_available())

@@ -15,6 +15,7 @@ import numpy as np
 
 import efficientbioai
 from efficientbioai import metrics
+from efficientbioai.artifact import MANIFEST_VERSION, Manifest, versions, write_manifest
 from efficientbioai.compress.export import (
     copy_onnx,
     export_onnx,
@@ -38,12 +39,11 @@ from efficientbioai.engines import (
 )
 from efficientbioai.errors import ConfigError, EfficientBioAIError, ExportError, FidelityError
 from efficientbioai.io import expand_paths, lazy_model_layout, read_image, to_model_layout
-from efficientbioai.manifest import MANIFEST_VERSION, versions, write_manifest
 from efficientbioai.models import LoadedModel, load_model
 from efficientbioai.models.base import sha256
 from efficientbioai.processing import apply_steps, fix_statistics
-from efficientbioai.report import human_bytes, human_count, table
 from efficientbioai.sampling import PreparedImage, Tiles, pad_to, sample_tiles
+from efficientbioai.tables import human_bytes, human_count, table
 from efficientbioai.tiling import round_up, valid_size
 
 DEFAULT_TILE = {2: (256, 256), 3: (32, 128, 128)}
@@ -243,13 +243,13 @@ def package_test(ref_engine: Engine, engine: Engine, loaded: LoadedModel) -> dic
 @dataclass
 class CompressResult:
     output: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def table(self) -> str:
         m = self.manifest
-        fid = m["fidelity"]
+        fid = m.fidelity
         lines = []
-        strat = m.get("strategy") or {}
+        strat = m.strategy or {}
         built = [c for c in strat.get("candidates", []) if not c["status"].startswith("skipped")]
         if len(built) > 1:  # what was tried and why the chosen one won
             lines.append(candidates_table(m))
@@ -257,12 +257,12 @@ class CompressResult:
             table(
                 ["", "original", "compressed", "ratio"],
                 _rows(m),
-                title=f"{m['model']['name']}: {m['engines']['primary']['backend']} {m['precision']} "
-                f"(float parts run in {m['engines']['primary']['precision']}), "
-                f"{m['engines']['primary']['threads']} threads",
+                title=f"{m.model.name}: {m.engines.primary.backend} {m.precision} "
+                f"(float parts run in {m.engines.primary.precision}), "
+                f"{m.engines.primary.threads} threads",
             )
         ]
-        lat = m["latency"]
+        lat = m.latency
         per_tile = f"per tile {tuple(lat['tile_shape'])}"
         lines.append(
             f"latency: {latency_basis(lat['compressed'], lat['threads'], per_tile)}; "
@@ -273,7 +273,7 @@ class CompressResult:
             f"{fid['relative_l2']:.4g}" + (f", mask IoU {fid['mask_iou']:.4f}" if "mask_iou" in fid else "")
         )
         lines.append(budget_line(m))
-        pt = m.get("package_test")
+        pt = m.package_test
         if pt:
             lines.append(
                 f"package test tensor: original reproduces it to {pt['original_max_abs_diff_to_package_output']:.2g} "
@@ -556,8 +556,11 @@ def _build(
 
     candidates: list[Candidate] = []
     for i, ratio in enumerate(ratios):
-        if ratio is not None and auto and i > 1 and not any(
-            c.ok for c in candidates if c.prune_ratio == ratios[i - 1]
+        if (
+            ratio is not None
+            and auto
+            and i > 1
+            and not any(c.ok for c in candidates if c.prune_ratio == ratios[i - 1])
         ):
             # removing more channels than a ratio that already missed the budget will not recover it
             for precision, fallback in precisions:
@@ -708,8 +711,7 @@ def _build(
         "versions": versions(),
         "files": files,
     }
-    write_manifest(tmp, manifest)
-    return manifest
+    return write_manifest(tmp, manifest)
 
 
 def _prune_and_finetune(
@@ -942,12 +944,12 @@ def _model_spec(model_cfg) -> dict[str, Any]:
     return spec
 
 
-def _rows(m: dict[str, Any]) -> list[list[Any]]:
-    lat, size, fid = m["latency"], m["size"], m["fidelity"]
+def _rows(m: Manifest) -> list[list[Any]]:
+    lat, size, fid = m.latency, m.size, m.fidelity
     o, c = lat["original"], lat["compressed"]
     ob, cb = size["original_bytes"], size["compressed_bytes"]
     rows = [
-        ["engine", f"{o['backend']} fp32", f"{c['backend']} {m['precision']}", ""],
+        ["engine", f"{o['backend']} fp32", f"{c['backend']} {m.precision}", ""],
         [
             "parameters",
             human_count(size["parameters"]),
@@ -978,9 +980,9 @@ def _rows(m: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def budget_line(m: dict[str, Any]) -> str:
+def budget_line(m: Manifest) -> str:
     """Whether an accuracy budget was checked, and how the chosen model did against it."""
-    strat = m.get("strategy") or {}
+    strat = m.strategy or {}
     budget = strat.get("budget")
     if not budget:
         return (
@@ -996,10 +998,10 @@ def budget_line(m: dict[str, Any]) -> str:
     )
 
 
-def candidates_table(m: dict[str, Any]) -> str:
+def candidates_table(m: Manifest) -> str:
     """What ``quantize.strategy: auto`` tried, as a table (from the manifest)."""
-    strat = m["strategy"]
-    ref = m["latency"]["original"]["median_ms"]
+    strat = m.strategy
+    ref = m.latency["original"]["median_ms"]
     rows = []
     for c in strat["candidates"]:
         lat = c["latency_ms"]
@@ -1016,7 +1018,7 @@ def candidates_table(m: dict[str, Any]) -> str:
             ]
         )
     budget = strat.get("budget") or {}
-    lat = m["latency"]
+    lat = m.latency
     per_tile = f"per tile {tuple(lat['tile_shape'])}"
     title = (
         f"strategy {strat.get('mode', 'auto')}: budget {budget.get('metric')} drop ≤ {budget.get('value')} "

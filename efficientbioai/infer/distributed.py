@@ -14,12 +14,13 @@ converted to TIFF) when all its blocks are written.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +29,11 @@ from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.merge import RegionMerger
 from efficientbioai.infer.outofcore import OutputLayout
 from efficientbioai.infer.predict import Plan
+
+if TYPE_CHECKING:
+    from efficientbioai.artifact import Manifest
+    from efficientbioai.infer.predict import Predictor
+    from efficientbioai.infer.results import ImageRecord
 
 # default voxels per block (256 MiB of float32 output): big enough that the tiles run twice at block
 # edges are a modest share, small enough for a worker's memory
@@ -148,23 +154,27 @@ _LOCAL = threading.local()
 
 def _worker_engine(job: BlockJob):
     """The artifact's engine and predictor, opened once per worker thread and kept."""
-    from efficientbioai.infer.pipeline import _predictor, open_engine
-    from efficientbioai.manifest import read_manifest
+    from efficientbioai.artifact import Artifact
+    from efficientbioai.infer.predict import Predictor
 
     cache = getattr(_LOCAL, "engines", None)
     if cache is None:
         cache = _LOCAL.engines = {}
     key = (str(job.artifact), job.backend, job.engine_threads, job.cfg.tiling.model_dump_json())
     if key not in cache:
-        manifest = read_manifest(job.artifact)
-        engine = open_engine(job.artifact, manifest, job.backend, job.engine_threads)
-        cache[key] = (engine, _predictor(job.cfg, manifest, engine), manifest)
+        artifact = Artifact(job.artifact)
+        engine = artifact.open_engine(job.backend, job.engine_threads)
+        cache[key] = (
+            engine,
+            Predictor.from_artifact(artifact.manifest, engine, job.cfg.tiling),
+            artifact.manifest,
+        )
     return cache[key]
 
 
 def _worker_image(job: BlockJob, model_axes: str):
     """The (C, *spatial) sample of the job's image, opened lazily and kept for the next blocks."""
-    from efficientbioai.infer.pipeline import model_layout, split_batch
+    from efficientbioai.infer.images import model_layout, split_batch
     from efficientbioai.io import read_image
 
     cache = getattr(_LOCAL, "images", None)
@@ -186,7 +196,7 @@ def run_block(job: BlockJob) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     _, predictor, manifest = _worker_engine(job)
-    image = _worker_image(job, manifest["input"]["axes"])
+    image = _worker_image(job, manifest.input.axes)
     array = zarr.open_array(store=str(job.store), path="0", mode="r+")
     merger = RegionMerger(
         job.plan.grid, predictor.out_channels, job.region, predictor.blend, job.layout.sink(array, job.sample)
@@ -201,3 +211,159 @@ def close_client(client, cluster) -> None:
     finally:
         if cluster is not None:
             cluster.close()
+
+
+# ------------------------------------------------------------------------------------------ stream
+
+
+def infer_distributed(
+    cfg: InferConfig,
+    directory: Path,
+    manifest: Manifest,
+    files: list[Path],
+    targets: list[Path | None],
+    out_paths: list[Path],
+    predictor: Predictor,
+    quiet: bool = False,
+) -> list[ImageRecord]:
+    """Every block of every image as one Dask task stream (see :mod:`efficientbioai.infer.distributed`)."""
+    from dask.distributed import as_completed
+
+    from efficientbioai.infer.images import open_samples, read_target
+    from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
+    from efficientbioai.infer.outofcore import fingerprint, output_layout
+    from efficientbioai.infer.predict import split_pointwise
+    from efficientbioai.infer.results import ImageRecord, RunRecord, score
+    from efficientbioai.io import ChunkedOutput, read_image, read_pixel_size
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    dcfg = cfg.distributed
+    model_axes = manifest.input.axes
+    out_channels = manifest.output.channels
+    band_bytes = int(cfg.tiling.band_memory_mb * 2**20)
+    task = cfg.task or manifest.task or ("restoration" if cfg.targets else None)
+    records: list[ImageRecord] = []
+    pending: dict[int, dict[str, Any]] = {}  # image number → its output, blocks and record
+    jobs: list[tuple[int, tuple[int, int], BlockJob]] = []
+    for k, (path, opath) in enumerate(zip(files, out_paths, strict=True)):
+        raw, axes, images = open_samples(path, cfg.axes, manifest.input)
+        spatial = tuple(images[0].shape[1:])
+        voxels = int(np.prod(spatial)) * len(images)
+        record = ImageRecord(path, opath, tuple(raw.shape), "done")
+        records.append(record)
+        if opath.exists() and not cfg.overwrite:
+            log(f"[{k + 1}/{len(files)}] {path.name}: {opath} exists, skipped (overwrite: true recomputes)")
+            record.status = "exists"
+            record.runs.append(RunRecord(predictor.engine.label, None, voxels, None))
+            continue
+        whole_post = split_pointwise(predictor.post)[1]
+        if whole_post:
+            raise ConfigError(
+                "distributed: the model's post-processing needs whole-image statistics "
+                f"({', '.join(s['id'] for s in whole_post)})",
+                "remove the distributed section",
+            )
+        grid = predictor.grid(spatial)
+        block = check_block(dcfg.block_shape, spatial, grid.inner)
+        layout = output_layout(spatial, model_axes, out_channels, len(images), grid.inner, band_bytes, block)
+        out = ChunkedOutput(
+            opath,
+            layout.shape,
+            np.float32,
+            axes=layout.axes,
+            chunks=layout.chunks,
+            fingerprint=fingerprint(path, directory, predictor, ["distributed", block]),
+            pixel_size=read_pixel_size(path),  # the input's pixel sizes carried over
+        )
+        regions = blocks(spatial, block)
+        n_jobs = 0
+        for i, im in enumerate(images):
+            plan = predictor.plan(im)  # small: sent to every task of this sample
+            done = out.done(i)
+            for b, region in enumerate(regions):
+                if b in done:
+                    continue
+                job = BlockJob(
+                    cfg,
+                    directory,
+                    cfg.backend,
+                    dcfg.engine_threads or dcfg.threads_per_worker,
+                    path,
+                    axes,
+                    i,
+                    plan,
+                    out.store,
+                    layout,
+                    region,
+                )
+                jobs.append((k, (i, b), job))
+                n_jobs += 1
+        pending[k] = {
+            "out": out,
+            "left": n_jobs,
+            "voxels": voxels,
+            "record": record,
+            "tpath": targets[k],
+            "layout": layout,
+            "regions": regions,
+        }
+        skipped = int(plan.skipped.sum()) * len(images)
+        log(
+            f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}: {n_jobs} block(s) of {list(block)}"
+            + (f" ({len(regions) * len(images) - n_jobs} already written)" if out.resumed else "")
+        )
+        pending[k]["tiles"], pending[k]["skipped"] = len(grid) * len(images), skipped
+
+    if not pending:  # every output exists already
+        return records
+    client, cluster = start_client(dcfg, quiet)
+    t_start = last = time.perf_counter()
+    busy = 0.0
+    try:
+        futures = {}
+        for k, unit, job in jobs:
+            fut = client.submit(run_block, job, pure=False)
+            futures[fut] = (k, unit)
+
+        def commit(k: int) -> None:
+            nonlocal last
+            item = pending.pop(k)
+            if wants_labels(cfg, task, bool(item["layout"].lead)):
+                write_labels_blockwise(cfg, item["out"], item["layout"], item["regions"], client)
+            item["out"].commit()
+            now = time.perf_counter()
+            rec = item["record"]
+            run = RunRecord(
+                predictor.engine.label + f" (dask, {dcfg.n_workers} workers)",
+                now - last,  # wall time since the previous output was finished: sums to the stream's
+                item["voxels"],
+                None,
+                tiles=item["tiles"],
+                skipped=item["skipped"],
+            )
+            last = now
+            rec.runs.append(run)
+            if item["tpath"] is not None:
+                written = np.asarray(read_image(rec.output), np.float32)
+                run.metrics = score(cfg, task, written, read_target(item["tpath"], written.shape, model_axes))
+
+        for k in [k for k, item in pending.items() if item["left"] == 0]:
+            commit(k)
+        for fut in as_completed(list(futures)):
+            k, unit = futures.pop(fut)
+            busy += fut.result()["seconds"]  # a failed block raises here; finished ones stay recorded
+            item = pending[k]
+            item["out"].mark(*unit)  # (sample, block): a rerun skips it
+            item["left"] -= 1
+            if item["left"] == 0:
+                commit(k)
+    finally:
+        close_client(client, cluster)
+    log(
+        f"distributed: {len(jobs)} block task(s) in {time.perf_counter() - t_start:.2f} s wall; "
+        f"the tasks ran {busy:.2f} s in all (engine loading included)"
+    )
+    return records

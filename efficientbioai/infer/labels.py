@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from efficientbioai.config import InferConfig
+from efficientbioai.errors import ConfigError
+
 
 def _open(store: str | Path, path: str = "0"):
     import zarr
@@ -165,3 +168,44 @@ def label_blocks(
             [(str(labels_store), r, int(off), mapping) for r, off in zip(regions, offsets[:-1], strict=True)],
         )
     return int(keep.sum())
+
+
+def wants_labels(cfg: InferConfig, task: str | None, several: bool = False) -> bool:
+    """Whether to write labels (``instance.write_labels`` with task instance); ``several``: the prediction
+    has channel or sample axes, which is an error then."""
+    if not (cfg.instance.write_labels and task == "instance"):
+        return False
+    if several:
+        raise ConfigError(
+            "instance.write_labels: labels are made from one foreground channel of one image, but this "
+            "prediction has several channels or samples",
+            "set instance.write_labels: false, or give single-channel, single-sample images",
+        )
+    return True
+
+
+def write_labels_blockwise(cfg: InferConfig, out, layout, regions, client=None) -> None:
+    """Label the prediction in ``out``'s store block by block into ``labels_path(out.path)``."""
+    from efficientbioai.infer.images import labels_path
+    from efficientbioai.io import ChunkedOutput
+
+    spatial = layout.shape
+    labels = ChunkedOutput(
+        labels_path(out.path),
+        spatial,
+        np.int32,
+        axes=layout.axes,
+        chunks=layout.chunks,
+        fingerprint=out.fingerprint + "-labels",
+        pixel_size=out.metadata.get("pixel_size"),
+    )
+    label_blocks(
+        out.store,
+        labels.store,
+        regions,
+        threshold=cfg.threshold,
+        method=cfg.instance.method,
+        min_size=cfg.instance.min_size,
+        client=client,
+    )
+    labels.commit()

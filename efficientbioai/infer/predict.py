@@ -14,21 +14,26 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from efficientbioai.engines import Engine
 from efficientbioai.errors import EfficientBioAIError
 from efficientbioai.infer.merge import InMemoryMerger, Merger
-from efficientbioai.localize import uncovered_fraction
+from efficientbioai.localize import SampleLocalizer, uncovered_fraction
 from efficientbioai.processing import apply_steps, fix_statistics
 from efficientbioai.tiling import (
     Tile,
     TileGrid,
+    check_tile_shape,
     estimate_background_threshold,
     tile_statistic,
 )
+
+if TYPE_CHECKING:
+    from efficientbioai.artifact import Manifest
+    from efficientbioai.config import LocalizeConfig, TilingConfig
 
 POINTWISE = {"scale_linear", "clip", "sigmoid", "binarize", "ensure_dtype", "fixed_zero_mean_unit_variance"}
 
@@ -100,6 +105,46 @@ class Predictor:
     skip_background: bool = False
     background_threshold: float | None = None
     localizer: Any = None  # efficientbioai.localize.SampleLocalizer: skip the tiles outside the sample
+
+    @classmethod
+    def from_artifact(
+        cls, manifest: Manifest, engine: Engine, tiling: TilingConfig | None = None
+    ) -> Predictor:
+        """The predictor ``infer`` uses for an artifact's ``engine`` with the ``tiling:`` settings.
+
+        ``manifest`` (:class:`~efficientbioai.artifact.Manifest`, e.g. ``Artifact.open(dir).manifest``)
+        gives the network's axes, channels, valid tiles, halo and processing steps; ``tiling`` (default:
+        the defaults of ``infer``'s ``tiling:`` section) the tile shape (default: the calibration tile),
+        overlap, blending, batch size, background skipping and sample localisation.
+        """
+        from efficientbioai.config import TilingConfig
+
+        tiling = tiling or TilingConfig()
+        inp = manifest.input
+        ones = [1] * inp.ndim
+        tile = check_tile_shape(
+            tiling.tile_shape or manifest.calibration.tile_shape,
+            inp.tile_min or ones,
+            inp.tile_step or ones,
+            "tiling.tile_shape",
+        )
+        return cls(
+            engine=engine,
+            axes=inp.axes,
+            out_channels=manifest.output.channels,
+            tile_shape=tile,
+            tile_min=inp.tile_min,
+            tile_step=inp.tile_step,
+            halo=inp.halo,
+            pre=inp.preprocessing,
+            post=manifest.output.postprocessing,
+            overlap=tiling.overlap,
+            blend=tiling.blend,
+            batch_size=tiling.batch_size,
+            skip_background=tiling.background.skip,
+            background_threshold=tiling.background.threshold,
+            localizer=sample_localizer(tiling.localize),
+        )
 
     def grid(self, spatial_shape: Sequence[int]) -> TileGrid:
         return TileGrid.build(
@@ -268,3 +313,18 @@ def _cheap_statistic(image, tile: Tile, stride: int = 4) -> float:
     """The background statistic of a tile's inner region, read with a stride (a 1/4^ndim sample)."""
     region = tuple(slice(t.start, t.stop, stride) for t in tile.target)
     return tile_statistic(np.asarray(image[(slice(None), *region)], np.float32))
+
+
+def sample_localizer(cfg: LocalizeConfig) -> SampleLocalizer | None:
+    """The ``tiling.localize`` options as a :class:`SampleLocalizer` (``None`` when disabled)."""
+    if not cfg.enabled:
+        return None
+    return SampleLocalizer(
+        downsample=None if cfg.downsample == "auto" else cfg.downsample,
+        sigma=cfg.sigma,
+        min_size=cfg.min_size,
+        margin=None if cfg.margin == "auto" else cfg.margin,
+        region=cfg.region,
+        invert=cfg.invert,
+        value=cfg.value,
+    )

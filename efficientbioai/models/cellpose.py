@@ -278,13 +278,14 @@ class CellposeParser(BaseParser):
         )
 
 
-def cellpose_spec(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The ``cellpose`` facts a compressed artifact records, or an error for other artifacts."""
-    model = manifest.get("model") or {}
-    spec = model.get("cellpose")
-    if model.get("kind") != "cellpose" or not isinstance(spec, dict):
+def cellpose_spec(manifest) -> dict[str, Any]:
+    """The ``cellpose`` facts a compressed artifact records (``manifest``: an artifact's
+    :class:`~efficientbioai.artifact.Manifest`), or an error for other artifacts."""
+    model = manifest.model
+    spec = model.fact("cellpose")
+    if model.kind != "cellpose" or not isinstance(spec, dict):
         raise ModelLoadError(
-            f"the artifact holds a '{model.get('kind')}' model, not a cellpose network",
+            f"the artifact holds a '{model.kind}' model, not a cellpose network",
             "compress a cellpose model (model.kind: cellpose) first",
         )
     return spec

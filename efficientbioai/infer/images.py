@@ -1,0 +1,97 @@
+"""The files of an ``infer`` run: inputs opened lazily as (C, *spatial) samples, outputs, targets, labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from efficientbioai.artifact import InputSpec
+from efficientbioai.config import InferConfig
+from efficientbioai.errors import ConfigError, EfficientBioAIError
+from efficientbioai.io import expand_paths, lazy_model_layout, output_path, read_axes, read_image
+
+
+def model_layout(image, axes: str | None, model_axes: str, source: str):
+    """(C, *spatial) without loading lazily-read arrays (see :func:`~efficientbioai.io.lazy_model_layout`)."""
+    return lazy_model_layout(image, axes, model_axes, source)
+
+
+def split_batch(image, axes: str | None, source: str) -> list:
+    """An image with a batch axis ('b' in the axes) as a list of samples, else ``[image]``."""
+    if not axes or "b" not in axes:
+        return [image]
+    arr = np.asarray(image)
+    return [np.take(arr, i, axis=axes.index("b")) for i in range(arr.shape[axes.index("b")])]
+
+
+def open_samples(path: Path, axes: str | None, model_input: InputSpec):
+    """(raw array, axes, [(C, *spatial) samples]) of one input, read lazily where possible.
+
+    ``axes``: the input's axes as configured (``None``: read from the file's metadata, else inferred);
+    ``model_input``: the network's input (axes and channels) from the artifact's manifest.
+    """
+    model_axes = model_input.axes
+    raw = read_image(path)
+    axes = axes or read_axes(path)
+    samples = split_batch(raw, axes, str(path))
+    sample_axes = axes.replace("b", "") if axes else None
+    images = [model_layout(s, sample_axes, model_axes, f"input: {path}") for s in samples]
+    for im in images:
+        if im.shape[0] != model_input.channels:
+            raise EfficientBioAIError(
+                f"input: {path} has {im.shape[0]} channel(s) (axes '{sample_axes or 'inferred'}') but "
+                f"the model takes {model_input.channels}",
+                "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
+            )
+    return raw, axes, images
+
+
+def target_files(cfg: InferConfig, n: int, what: str = "target") -> list[Path | None]:
+    """One target file per input (sorted order), or ``None`` each when no targets are configured."""
+    if cfg.targets is None:
+        return [None] * n
+    files = expand_paths(cfg.targets, "targets")
+    if len(files) != n:
+        raise ConfigError(
+            f"targets: {len(files)} target file(s) for {n} input image(s)",
+            f"give one {what} per input image, in the same (sorted) order",
+        )
+    return files
+
+
+def output_paths(cfg: InferConfig, files: list[Path]) -> list[Path]:
+    """Where each input's result goes; inputs that would overwrite each other's output are an error."""
+    fmt = cfg.output_format
+    out_dir = cfg.output.expanduser()
+    paths = [
+        output_path(f, out_dir, fmt or ("zarr" if f.suffix.lower() == ".zarr" else "tiff")) for f in files
+    ]
+    dupes = {p for p in paths if paths.count(p) > 1}
+    if dupes:
+        raise ConfigError(
+            f"input: several inputs would be written to the same output ({', '.join(sorted(map(str, dupes)))})",
+            "give inputs with distinct names (e.g. not a.tif and a.npy side by side)",
+        )
+    return paths
+
+
+def read_target(path: Path, shape: tuple[int, ...], model_axes: str) -> np.ndarray:
+    target = np.asarray(read_image(path))
+    spatial = shape[-(len(model_axes) - 2) :]
+    if target.shape != tuple(shape) and target.squeeze().shape != tuple(s for s in shape if s != 1):
+        raise EfficientBioAIError(
+            f"targets: {path} has shape {target.shape} but its image's prediction has shape {tuple(shape)} "
+            f"(spatial {tuple(spatial)})",
+            "targets must match their images pixel for pixel, in the same sorted order as the inputs",
+        )
+    return target.reshape(shape) if target.size == int(np.prod(shape)) else target
+
+
+def labels_path(output: Path) -> Path:
+    """Where the label image of ``output`` goes: ``<stem>_labels`` with the output's suffix."""
+    name = output.name
+    for suffix in (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".zarr"):
+        if name.lower().endswith(suffix):
+            return output.with_name(name[: -len(suffix)] + "_labels" + name[-len(suffix) :])
+    return output.with_name(name + "_labels")
