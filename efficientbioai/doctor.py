@@ -403,6 +403,7 @@ def _infer_needs(data: dict, libs, gpu) -> list[Need]:
     kind = None
     if (artifact / "manifest.yaml").is_file():
         from efficientbioai.artifact import read_manifest
+        from efficientbioai.errors import EfficientBioAIError
 
         try:
             kind = read_manifest(artifact).model.kind
