@@ -60,9 +60,9 @@ def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> None:
     """A uint16 zarr volume written slab by slab (chunks 16 × 256 × 256)."""
     import zarr
 
-    from efficientbioai.io import _create_zarr
+    from efficientbioai.io import create_zarr
 
-    arr = _create_zarr(path, shape, np.uint16, "zyx", (16, 256, 256), path.stem)
+    arr = create_zarr(path, shape, np.uint16, "zyx", (16, 256, 256), path.stem)
     rng = np.random.default_rng(seed)
     y = np.arange(shape[1], dtype=np.float32)[:, None]
     x = np.arange(shape[2], dtype=np.float32)[None, :]

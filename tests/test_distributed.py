@@ -225,7 +225,7 @@ def test_instance_labels_are_consistent_across_block_edges(tmp_path, use_client)
     from scipy import ndimage as ndi
 
     from efficientbioai.infer.labels import label_blocks
-    from efficientbioai.io import _create_zarr
+    from efficientbioai.io import create_zarr
     from efficientbioai.metrics import instances_from_probability
 
     smooth = ndi.gaussian_filter(np.random.default_rng(5).random((20, 64, 80)), 1.5)
@@ -242,7 +242,7 @@ def test_instance_labels_are_consistent_across_block_edges(tmp_path, use_client)
     crossing = sum(len(np.unique(expected[r])) for r in regions) - len(np.unique(expected))
     assert crossing > 10  # many objects are cut by block edges
 
-    _create_zarr(tmp_path / "labels.zarr", prob.shape, np.int32, "zyx", block, "labels")
+    create_zarr(tmp_path / "labels.zarr", prob.shape, np.int32, "zyx", block, "labels")
     client = cluster = None
     if use_client:
         from dask.distributed import Client, LocalCluster

@@ -9,7 +9,6 @@ import pytest
 import tifffile
 import zarr
 
-from efficientbioai import io
 from efficientbioai.errors import EfficientBioAIError
 from efficientbioai.io import (
     expand_paths,
@@ -21,6 +20,7 @@ from efficientbioai.io import (
     to_model_layout,
     write_image,
 )
+from efficientbioai.io import write as io_write
 
 CASES = [
     ((40, 50), np.float32, "yx"),
@@ -285,9 +285,9 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, suffix):
         raise RuntimeError("disk on fire")
 
     if suffix == ".tif":
-        monkeypatch.setattr(io, "_write_tiff", fail_after_creating_temp)
+        monkeypatch.setattr(io_write, "_write_tiff", fail_after_creating_temp)
     elif suffix == ".zarr":
-        monkeypatch.setattr(io, "_write_zarr", fail_after_creating_temp)
+        monkeypatch.setattr(io_write, "_write_zarr", fail_after_creating_temp)
     else:
         monkeypatch.setattr(np, "save", lambda fh, *a, **k: (fh.write(b"half"), _fail()))
     with pytest.raises(
@@ -323,7 +323,7 @@ def test_interrupt_is_cleaned_up_and_reraised(tmp_path, monkeypatch):
         tmp.write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "_write_tiff", interrupted)
+    monkeypatch.setattr(io_write, "_write_tiff", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_image(tmp_path / "out.tif", np.zeros((4, 4)))
     assert os.listdir(tmp_path) == []

@@ -152,9 +152,9 @@ def test_chunked_output_zarr_and_tiff(tmp_path):
 
 
 def test_tiff_output_with_large_2d_pages_is_tiled(tmp_path, monkeypatch):
-    import efficientbioai.io as io
+    import efficientbioai.io.chunked as chunked
 
-    monkeypatch.setattr(io, "_TIFF_TILED_PAGE", 100 * 100)
+    monkeypatch.setattr(chunked, "_TIFF_TILED_PAGE", 100 * 100)
     image = np.random.default_rng(7).standard_normal((1, 301, 517)).astype(np.float32)
     p = _predictor(image, (64, 64))
     layout = output_layout((301, 517), "bcyx", 1, 1, p.grid((301, 517)).inner, 1 << 20)
@@ -280,11 +280,11 @@ def test_out_of_core_peak_memory_stays_under_a_budget_4x_smaller_than_the_output
     The child samples its resident memory every 5 ms (Linux /proc) against the level after setup. The
     budget covers the band (9 planes of 1024 × 1024 here) plus a fixed overhead of the I/O and threading
     libraries (measured 70–120 MiB here, the same for every volume size)."""
-    from efficientbioai.io import _create_zarr
+    from efficientbioai.io import create_zarr
 
     budget = 192 << 20
     shape = (192, 1024, 1024)  # float32 output 768 MiB = 4 × budget
-    vol = _create_zarr(tmp_path / "vol.zarr", shape, np.uint16, "zyx", (16, 128, 128), "vol")
+    vol = create_zarr(tmp_path / "vol.zarr", shape, np.uint16, "zyx", (16, 128, 128), "vol")
     ramp = (np.arange(1024, dtype=np.uint16)[None, :] + np.arange(1024, dtype=np.uint16)[:, None]) % 4000
     for z in range(0, shape[0], 16):
         vol[z : z + 16] = np.broadcast_to(ramp + np.uint16(z), (16, *shape[1:]))
