@@ -119,8 +119,35 @@ class TileGrid:
         return int(np.prod([len(s) for s in self.starts]))
 
     def __iter__(self) -> Iterator[Tile]:
-        for index, corner in enumerate(itertools.product(*self.starts)):
-            yield self._tile(index, corner)
+        return iter(self.tiles)
+
+    @functools.cached_property
+    def tiles(self) -> tuple[Tile, ...]:
+        """Every tile, in grid order (built once per grid)."""
+        return tuple(self._tile(index, corner) for index, corner in enumerate(itertools.product(*self.starts)))
+
+    @functools.cached_property
+    def _inverse(self) -> dict[str, tuple[np.ndarray, ...]]:
+        return {}
+
+    def inverse_axis_weights(self, mode: str) -> tuple[np.ndarray, ...]:
+        """Per axis, 1 / (sum over the grid's tiles of that axis' blending weights) (float32).
+
+        The tile weights are outer products of per-axis weights and the tiles form a Cartesian grid, so
+        the sum of every tile's weights at a pixel is the product of these per-axis sums.
+        """
+        if mode in self._inverse:
+            return self._inverse[mode]
+        out = []
+        for s, starts, i in zip(self.image_shape, self.starts, self.inner, strict=True):
+            a = axis_weights(i, mode)
+            total = np.zeros(s, np.float32)
+            for c in starts:
+                end = min(c + i, s)
+                total[c:end] += a[: end - c]
+            out.append(np.reciprocal(total))
+        self._inverse[mode] = tuple(out)
+        return self._inverse[mode]
 
     def _tile(self, index: int, corner: Sequence[int]) -> Tile:
         source, pad, target, crop = [], [], [], []
@@ -132,6 +159,17 @@ class TileGrid:
             target.append(slice(c, end))
             crop.append(slice(h, h + end - c))
         return Tile(index, tuple(source), tuple(pad), tuple(target), tuple(crop))
+
+    def touching(self, mask: Sequence[bool]) -> np.ndarray:
+        """Per tile (grid order): whether its target region overlaps the target of a tile in ``mask``."""
+        counts = [len(s) for s in self.starts]
+        hits = np.asarray(mask, bool).reshape(counts).astype(np.int64)
+        for d, (starts, i, s) in enumerate(zip(self.starts, self.inner, self.image_shape, strict=True)):
+            lo = np.asarray(starts)
+            hi = np.minimum(lo + i, s)
+            overlaps = ((lo[:, None] < hi[None, :]) & (lo[None, :] < hi[:, None])).astype(np.int64)
+            hits = np.moveaxis(np.tensordot(overlaps, hits, axes=([1], [d])), 0, d)
+        return hits.reshape(-1) > 0
 
     def tiles_in(self, region: Sequence[slice]) -> Iterator[Tile]:
         """The tiles whose inner output overlaps ``region`` (spatial slices), in grid order."""
@@ -165,27 +203,56 @@ class TileGrid:
         return w[tuple(slice(0, c.stop - c.start) for c in tile.crop)]
 
 
+WEIGHT_FLOOR = 1e-3  # per axis: every pixel keeps a positive weight (at least 1e-3 ** ndim)
+
+
+def axis_weights(n: int, mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """Blending weights along one tile axis of ``n`` pixels (float32): 1 everywhere (``constant``) or a
+    gaussian centred on the tile whose sigma is ``sigma_scale`` × ``n``, peak 1, floored at
+    :data:`WEIGHT_FLOOR`."""
+    if mode == "constant":
+        return np.ones(n, np.float32)
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    w = np.exp(-0.5 * (x / max(n * sigma_scale, 1e-6)) ** 2)
+    return np.maximum(w / w.max(), WEIGHT_FLOOR).astype(np.float32)
+
+
 def blend_weights(shape: Sequence[int], mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
-    """Per-pixel weights of a tile: 1 everywhere (``constant``) or a gaussian centred on the tile whose
-    sigma is ``sigma_scale`` × the tile size, floored at 1e-3 so that every pixel keeps a positive weight."""
+    """Per-pixel weights of a tile: the outer product of :func:`axis_weights` along each axis.
+
+    Separable weights make the per-pixel sum of weights over a grid separable too
+    (:meth:`TileGrid.inverse_axis_weights`): normalising never needs an image-sized weight map.
+    """
     if mode not in BLEND_MODES:
         raise ConfigError(f"tiling.blend: unknown mode '{mode}'", f"use one of {', '.join(BLEND_MODES)}")
-    if mode == "constant":
-        return np.ones(shape, np.float32)
-    w = np.ones((), np.float64)
+    w = np.ones((), np.float32)
     for n in shape:
-        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
-        sigma = max(n * sigma_scale, 1e-6)
-        w = np.multiply.outer(w, np.exp(-0.5 * (x / sigma) ** 2))
-    w = w / w.max()
-    return np.maximum(w, 1e-3).astype(np.float32)
+        w = np.multiply.outer(w, axis_weights(n, mode, sigma_scale))
+    return w
+
+
+def normalize(total: np.ndarray, grid: TileGrid, mode: str, region: Sequence[slice] | None = None) -> None:
+    """Divide the blended sum ``total`` (C, *region shape) by the grid's sum of weights, in place.
+
+    ``region`` (spatial slices of the image; default: the whole image) says where ``total`` lies. The
+    division is one multiplication per axis with that axis' inverse weights, in axis order, so a region
+    gives exactly (to the bit) the pixels the whole image gives there.
+    """
+    inverse = grid.inverse_axis_weights(mode)
+    region = region or tuple(slice(0, s) for s in grid.image_shape)
+    ndim = len(inverse)
+    for d, (r, sl) in enumerate(zip(inverse, region, strict=True)):
+        shape = [1] * (ndim + 1)
+        shape[d + 1] = sl.stop - sl.start
+        np.multiply(total, r[sl].reshape(shape), out=total)
 
 
 class Blender:
     """Accumulates weighted tile outputs into a (C, *spatial) image; :meth:`result` normalises.
 
     The per-pixel sum of weights depends only on the grid (every tile, run or skipped, is added with the
-    same weights), so it is computed once per grid (:func:`inverse_weight`), not accumulated per tile.
+    same weights) and is separable (:func:`blend_weights`), so it is not accumulated per tile:
+    :func:`normalize` divides by it axis by axis.
     """
 
     def __init__(self, grid: TileGrid, channels: int, mode: str = "gaussian"):
@@ -215,18 +282,8 @@ class Blender:
         )
 
     def result(self) -> np.ndarray:
-        np.multiply(self.sum, inverse_weight(self.grid, self.mode), out=self.sum)
+        normalize(self.sum, self.grid, self.mode)
         return self.sum
-
-
-@functools.lru_cache(maxsize=1)  # images of one shape share it; one volume-sized map stays resident
-def inverse_weight(grid: TileGrid, mode: str) -> np.ndarray:
-    """1 / (sum of the blending weights of every tile) per pixel of the grid's image."""
-    weight = np.zeros(grid.image_shape, np.float32)
-    for tile in grid:
-        w = grid.weights(tile, mode)
-        weight[tile.target] += 1.0 if w is None else w
-    return np.reciprocal(weight, out=weight)
 
 
 # ------------------------------------------------------------------------------ background skipping

@@ -112,7 +112,7 @@ def test_dask_local_cluster_equals_single_process(tmp_path, artifact3d, volumes)
 def test_instance_labels_are_written_consistently_by_every_path(tmp_path, artifact3d, volumes):
     """task instance + instance.write_labels: in memory, out of core and on Dask (blocks much smaller than
     the volume) give the same objects as labelling the whole stitched prediction at once."""
-    from efficientbioai.infer.pipeline import labels_path
+    from efficientbioai.infer.images import labels_path
     from efficientbioai.metrics import instances_from_probability
 
     tiling = {"tile_shape": [16, 32, 32], "overlap": 0.25}

@@ -2,7 +2,9 @@
 
 A :class:`Merger` receives the network output of every tile of a :class:`~efficientbioai.tiling.TileGrid`
 in grid order (:meth:`Merger.aggregate`, or :meth:`Merger.aggregate_constant` for a tile that was skipped
-and gets one value per channel), and :meth:`Merger.finalize` returns the stitched result.
+and gets one value per channel, or :meth:`Merger.fill_constant` for a skipped tile that no run tile
+overlaps: its region is that value exactly, written after normalising), and :meth:`Merger.finalize`
+returns the stitched result.
 
 - :class:`InMemoryMerger`: the whole (C, *spatial) float32 output in memory (plus a whole-image weight
   map); ``finalize`` returns it.
@@ -25,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from efficientbioai.tiling import Blender, Tile, TileGrid
+from efficientbioai.tiling import Blender, Tile, TileGrid, normalize
 
 # sink(region, data): write data (C, *region shape) float32 at the region (spatial slices) of the output
 Sink = Callable[[tuple[slice, ...], np.ndarray], None]
@@ -48,6 +50,11 @@ class Merger(ABC):
     def aggregate_constant(self, tile: Tile, value: np.ndarray) -> None:
         """Add a skipped tile whose output is ``value`` (one number per channel) everywhere."""
 
+    def fill_constant(self, tile: Tile, value: np.ndarray) -> None:
+        """A skipped tile that overlaps no run tile: its target is ``value`` exactly (no blending needed,
+        every tile there has the same value). Mergers write it after normalising; the default blends it."""
+        self.aggregate_constant(tile, value)
+
     @abstractmethod
     def finalize(self) -> np.ndarray | None:
         """Normalise what is left and return the result (``None`` when it went to a sink)."""
@@ -59,6 +66,7 @@ class InMemoryMerger(Merger):
     def __init__(self, grid: TileGrid, channels: int, blend: str = "gaussian"):
         self.grid = grid
         self._blender = Blender(grid, channels, blend)
+        self._fills: list[tuple[tuple[slice, ...], np.ndarray]] = []
 
     def aggregate(self, tile: Tile, output: np.ndarray) -> None:
         self._blender.add(tile, output)
@@ -66,8 +74,20 @@ class InMemoryMerger(Merger):
     def aggregate_constant(self, tile: Tile, value: np.ndarray) -> None:
         self._blender.add_constant(tile, value)
 
+    def fill_constant(self, tile: Tile, value: np.ndarray) -> None:
+        self._fills.append((tile.target, value))
+
     def finalize(self) -> np.ndarray:
-        return self._blender.result()
+        out = self._blender.result()
+        _fill(out, self._fills)
+        return out
+
+
+def _fill(out: np.ndarray, fills: Sequence[tuple[tuple[slice, ...], np.ndarray]]) -> None:
+    """Write each (region, per-channel value) into the (C, *spatial) ``out``."""
+    for region, value in fills:
+        view = out[(slice(None), *region)]
+        view[...] = np.asarray(value, np.float32).reshape(-1, *[1] * (view.ndim - 1))
 
 
 def _intersection(target: tuple[slice, ...], region: tuple[slice, ...]) -> tuple[slice, ...] | None:
@@ -82,21 +102,6 @@ def _intersection(target: tuple[slice, ...], region: tuple[slice, ...]) -> tuple
 
 def _shift(box: tuple[slice, ...], origin: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(b.start - o, b.stop - o) for b, o in zip(box, origin, strict=True))
-
-
-def region_inverse_weight(grid: TileGrid, mode: str, region: tuple[slice, ...]) -> np.ndarray:
-    """1 / (sum of the blending weights of every grid tile) inside ``region``.
-
-    Equal to the bit to :func:`~efficientbioai.tiling.inverse_weight` cropped to the region: the same
-    weights are added in the same (grid) order.
-    """
-    origin = [r.start for r in region]
-    weight = np.zeros(tuple(r.stop - r.start for r in region), np.float32)
-    for tile in grid.tiles_in(region):
-        part = _intersection(tile.target, region)
-        w = grid.weights(tile, mode)
-        weight[_shift(part, origin)] += 1.0 if w is None else w[_shift(part, [t.start for t in tile.target])]
-    return np.reciprocal(weight, out=weight)
 
 
 class RegionMerger(Merger):
@@ -118,6 +123,7 @@ class RegionMerger(Merger):
         self.region = tuple(slice(int(r.start), int(r.stop)) for r in region)
         self.origin = [r.start for r in self.region]
         self.sum = np.zeros((channels, *(r.stop - r.start for r in self.region)), np.float32)
+        self._fills: list[tuple[tuple[slice, ...], np.ndarray]] = []
 
     def needs(self, tile: Tile) -> bool:
         return _intersection(tile.target, self.region) is not None
@@ -149,16 +155,14 @@ class RegionMerger(Merger):
         w = np.ones(shape, np.float32) if w is None else w[within]
         self.sum[(slice(None), *here)] += np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
 
+    def fill_constant(self, tile: Tile, value: np.ndarray) -> None:
+        parts = self._parts(tile)
+        if parts is not None:
+            self._fills.append((parts[0], value))
+
     def finalize(self) -> np.ndarray | None:
-        # normalise a few planes at a time: the weight map never needs the region's full size
-        step = max(1, (4 << 20) // max(1, int(np.prod(self.sum.shape[2:]))))
-        first = self.region[0]
-        for a in range(first.start, first.stop, step):
-            part = (slice(a, min(a + step, first.stop)), *self.region[1:])
-            local = (slice(None), slice(a - first.start, part[0].stop - first.start))
-            np.multiply(
-                self.sum[local], region_inverse_weight(self.grid, self.blend, part), out=self.sum[local]
-            )
+        normalize(self.sum, self.grid, self.blend, self.region)
+        _fill(self.sum, self._fills)
         result, self.sum = self.sum, None
         if self.sink is not None:
             self.sink(self.region, result)
@@ -238,6 +242,10 @@ class BandMerger(Merger):
     def aggregate_constant(self, tile: Tile, value: np.ndarray) -> None:
         for m in self._mergers(tile):
             m.aggregate_constant(tile, value)
+
+    def fill_constant(self, tile: Tile, value: np.ndarray) -> None:
+        for m in self._mergers(tile):
+            m.fill_constant(tile, value)
 
     def finalize(self) -> None:
         for k in sorted(self.open):

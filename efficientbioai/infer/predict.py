@@ -79,6 +79,7 @@ class Plan:
     value: np.ndarray | None = None
     skipped_fraction: float = 0.0  # of the voxels, covered by no run tile
     localization: Any = None  # efficientbioai.localize.Localization when sample localisation ran
+    fill: np.ndarray | None = None  # bool per grid tile: skipped and overlapping no run tile
 
 
 @dataclass
@@ -219,14 +220,18 @@ class Predictor:
                 flattest = selection.background_tile if selection is not None else None
                 value = self.background_value(image, grid, tiles, skipped, pre_tile, flattest)
         run = [t for t, s in zip(tiles, skipped, strict=True) if not s]
+        skipped = np.asarray(skipped, bool)
+        # skipped tiles that no run tile overlaps hold the value exactly: written, not blended
+        fill = skipped & ~grid.touching(~skipped) if skipped.any() else None
         return Plan(
             grid,
             pre_tile,
-            np.asarray(skipped, bool),
+            skipped,
             threshold,
             value,
-            skipped_fraction=uncovered_fraction(grid, run) if any(skipped) else 0.0,
+            skipped_fraction=uncovered_fraction(grid, run) if skipped.any() else 0.0,
             localization=selection.localization if selection is not None else None,
+            fill=fill,
         )
 
     def __call__(
@@ -249,8 +254,13 @@ class Predictor:
                 f"({', '.join(s['id'] for s in post_whole)}), which out-of-core inference cannot compute",
                 "set tiling.out_of_core: false",
             )
-        tiles = list(grid)
-        todo = [(t, bool(s)) for t, s in zip(tiles, plan.skipped, strict=True) if merger.needs(t)]
+        tiles = grid.tiles
+        fill = plan.fill if plan.fill is not None else np.zeros(len(tiles), bool)
+        todo = [
+            (t, 2 if f else int(bool(s)))  # 0 run, 1 blend the value, 2 write the value
+            for t, s, f in zip(tiles, plan.skipped, fill, strict=True)
+            if merger.needs(t)
+        ]
         run = [t for t, s in todo if not s]
         if progress is not None:
             progress.reset(total=len(todo))
@@ -270,7 +280,9 @@ class Predictor:
 
         results = outputs()
         for t, skip in todo:  # grid order, skipped tiles included: every merger adds in the same order
-            if skip:
+            if skip == 2:
+                merger.fill_constant(t, plan.value)
+            elif skip:
                 merger.aggregate_constant(t, plan.value)
             else:
                 merger.aggregate(t, next(results))
