@@ -22,6 +22,7 @@ METRIC_NAMES = {
     "ap50": "AP@0.5",
     "f1": "F1",
 }
+AGREEMENT_NAMES = {"pearson": "r vs original", "mask_dice": "mask Dice vs original"}
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -109,9 +110,6 @@ def metric_columns(report: dict[str, Any]) -> list[str]:
 def agreement_columns(report: dict[str, Any]) -> list[str]:
     have = {k for r in report["rows"] for k in r["agreement"]["mean"]}
     return [k for k in ("pearson", "mask_dice") if k in have]
-
-
-AGREEMENT_NAMES = {"pearson": "r vs original", "mask_dice": "mask Dice vs original"}
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -208,6 +208,8 @@ def _env_html(report: dict[str, Any]) -> str:
 
 
 def render_html(report: dict[str, Any], panel_sets: list[dict[str, Any]] | None = None) -> str:
+    """The page: charts, headlines, the results table, image panels (from
+    :func:`~efficientbioai.benchmark.panels.build_panels`), notes, environment and configuration."""
     charts = _charts(report)
     heads = headlines(report)
     parts = [

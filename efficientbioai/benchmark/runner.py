@@ -48,6 +48,8 @@ from efficientbioai.errors import EfficientBioAIError
 
 @dataclass
 class BenchmarkResult:
+    """What :func:`benchmark` wrote: the output folder, report.json's content and report.md's text."""
+
     output: Path
     report: dict[str, Any]
     markdown: str
@@ -82,9 +84,9 @@ def benchmark(cfg: BenchmarkConfig, *, quiet: bool = False, source: str = "confi
 
     timing_started = time.perf_counter()
     _measure(rows, images, out, tiling, cfg.runs, cfg.energy, threads, quiet)
-    timing_seconds = time.perf_counter() - timing_started
     for im in images:  # shapes in the model's layout, for the report
         im.shape = tuple(load_image(im.spec(), first.manifest.input.axes).shape)
+    timing_seconds = time.perf_counter() - timing_started
 
     _log("[5/5] scoring and writing the reports", quiet)
     scores = score_rows(rows, images, out, cfg.task, cfg.threshold)
