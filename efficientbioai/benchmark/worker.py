@@ -8,7 +8,8 @@ computes at any moment.
 
 Protocol (one JSON object per line): the parent writes the row's spec, then commands ``{"cmd": "run",
 "image": i}`` and finally ``{"cmd": "exit"}`` on the worker's stdin; the worker answers each with one
-line on stdout starting with :data:`MARK` (anything else a library prints is ignored).
+line on stdout starting with :data:`MARK` (anything else a library prints is ignored). The parent side
+is :mod:`efficientbioai.benchmark.protocol`.
 """
 
 from __future__ import annotations
