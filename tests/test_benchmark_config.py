@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from efficientbioai.benchmark.config import check_benchmark_config, deep_merge, variant_configs
-from efficientbioai.benchmark.runner import MARKER, _prepare_output, resolve_devices
+from efficientbioai.benchmark.images import MARKER, prepare_output
+from efficientbioai.benchmark.rows import resolve_devices
 from efficientbioai.cli import main
 from efficientbioai.errors import ConfigError
 
@@ -139,31 +140,31 @@ def test_output_folder_is_only_replaced_when_it_holds_a_benchmark(tmp_path):
     other.mkdir()
     (other / "thesis.docx").write_text("precious")
     with pytest.raises(ConfigError, match="not a benchmark folder"):
-        _prepare_output(check_benchmark_config(_cfg(output=str(other), overwrite=True)))
+        prepare_output(other, overwrite=True)
     assert (other / "thesis.docx").is_file()
     out = tmp_path / "b"
-    _prepare_output(check_benchmark_config(_cfg(output=str(out))))
+    prepare_output(out, overwrite=False)
     (out / "report.json").write_text("{}")
     with pytest.raises(ConfigError, match="already holds a benchmark"):
-        _prepare_output(check_benchmark_config(_cfg(output=str(out))))
-    _prepare_output(check_benchmark_config(_cfg(output=str(out), overwrite=True)))
+        prepare_output(out, overwrite=False)
+    prepare_output(out, overwrite=True)
     assert (out / MARKER).is_file() and not (out / "report.json").exists()
 
 
 def test_gpu_rows_need_a_gpu():
     cfg = check_benchmark_config(_cfg(devices=["cpu", "gpu"]))
-    env = {"gpu": {"available": False, "devices": [], "note": "no CUDA device"}}
+    gpu = {"available": False, "devices": [], "note": "no CUDA device"}
     with pytest.raises(ConfigError, match="no CUDA device"):
-        resolve_devices(cfg, env, [])
+        resolve_devices(cfg.devices, gpu, [])
     notes: list[str] = []
-    assert resolve_devices(check_benchmark_config(_cfg()), env, notes) == ["cpu"]
+    assert resolve_devices(check_benchmark_config(_cfg()).devices, gpu, notes) == ["cpu"]
     assert notes and "no GPU rows" in notes[0]
-    env_gpu = {"gpu": {"available": True, "devices": [{"name": "X"}], "note": None}}
-    assert resolve_devices(check_benchmark_config(_cfg()), env_gpu, []) == ["cpu", "gpu"]
+    gpu_here = {"available": True, "devices": [{"name": "X"}], "note": None}
+    assert resolve_devices(check_benchmark_config(_cfg()).devices, gpu_here, []) == ["cpu", "gpu"]
 
 
 def test_gpu_rows_are_the_original_and_autocast_variants():
-    from efficientbioai.benchmark.runner import Row, gpu_rows
+    from efficientbioai.benchmark.rows import Row, gpu_rows
 
     def variant(name, precision, steps=()):
         manifest = manifest_stub(precision=precision, transformations=[{"step": "export_onnx"}, *steps])
@@ -225,8 +226,7 @@ def test_images_of_every_form_load_in_the_model_layout(tmp_path):
     import numpy as np
     import tifffile
 
-    from efficientbioai.benchmark.runner import resolve_images
-    from efficientbioai.benchmark.worker import load_image
+    from efficientbioai.benchmark.images import load_image, resolve_images
     from efficientbioai.io import write_image
 
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((40, 48), np.float32))

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from efficientbioai.benchmark import environment, plots
+from efficientbioai.benchmark.assemble import build_report
 from efficientbioai.benchmark.config import check_benchmark_config
+from efficientbioai.benchmark.html import render_html
+from efficientbioai.benchmark.images import ImageEntry
 from efficientbioai.benchmark.panels import image_panels
-from efficientbioai.benchmark.report import finite, load_schema, render_html, render_markdown
-from efficientbioai.benchmark.runner import ImageEntry, Row, build_report
+from efficientbioai.benchmark.report import finite, load_schema, render_markdown
+from efficientbioai.benchmark.rows import Row
 
 from .manifests import manifest_stub
 

@@ -12,8 +12,14 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from efficientbioai.benchmark.config import PanelsConfig
+    from efficientbioai.benchmark.images import ImageEntry
 
 # blue - white - red, for signed differences
 _DIVERGING = np.array(
@@ -155,3 +161,44 @@ def image_panels(
             )
         )
     return where, input_panel, original_panel, rows
+
+
+def build_panels(
+    report: dict[str, Any], out: Path, images: list[ImageEntry], panels: PanelsConfig
+) -> list[dict[str, Any]]:
+    """Panels for the first images, per device: input / original / each variant / difference, from the
+    rows' outputs saved under ``out``/outputs."""
+    from efficientbioai.benchmark.images import load_image
+
+    if not panels.enabled or not report["model"]["axes"]:
+        return []
+    axes = report["model"]["axes"]
+    ndim = len(axes) - 2
+    sets = []
+    for device in report["settings"]["devices"]:
+        ok = [r for r in report["rows"] if r["device"] == device and r["status"] == "ok"]
+        orig = next((r for r in ok if r["variant"] is None), None)
+        if orig is None:
+            continue
+        for im in images[: panels.max_images]:
+            image = load_image(im.spec(), axes)
+            original = np.load(out / "outputs" / orig["id"] / f"{im.name}.npy")
+            variants = {
+                r["id"]: np.load(out / "outputs" / r["id"] / f"{im.name}.npy") for r in ok if r["variant"]
+            }
+            if not variants:
+                continue
+            where, inp, origp, prow = image_panels(
+                image, original, variants, ndim, size=panels.size, z=panels.slice
+            )
+            sets.append(
+                {
+                    "image": im.name,
+                    "device": device,
+                    "where": where,
+                    "input": inp,
+                    "original": origp,
+                    "rows": prow,
+                }
+            )
+    return sets

@@ -8,7 +8,8 @@ computes at any moment.
 
 Protocol (one JSON object per line): the parent writes the row's spec, then commands ``{"cmd": "run",
 "image": i}`` and finally ``{"cmd": "exit"}`` on the worker's stdin; the worker answers each with one
-line on stdout starting with :data:`MARK` (anything else a library prints is ignored).
+line on stdout starting with :data:`MARK` (anything else a library prints is ignored). The parent side
+is :mod:`efficientbioai.benchmark.protocol`.
 """
 
 from __future__ import annotations
@@ -109,24 +110,6 @@ class PeakRSS:
         return max(self._peak, rss_bytes() or 0)
 
 
-# ------------------------------------------------------------------------------------------- images
-
-
-def load_image(entry: dict[str, Any], model_axes: str) -> np.ndarray:
-    """One benchmark image as an in-memory (C, *spatial) array in the model's layout."""
-    from efficientbioai.infer.images import model_layout, split_batch
-    from efficientbioai.io import read_axes, read_image
-
-    path = Path(entry["path"])
-    axes = entry.get("axes") or read_axes(path)
-    samples = split_batch(read_image(path), axes, str(path))
-    sample_axes = axes.replace("b", "") if axes else None
-    image = model_layout(samples[entry.get("sample", 0)], sample_axes, model_axes, f"images: {path}")
-    if not isinstance(image, np.ndarray):  # a lazily read array (zarr): read it whole
-        image = image[(slice(None),) * image.ndim]
-    return np.ascontiguousarray(np.asarray(image))
-
-
 # ------------------------------------------------------------------------------------------ engines
 
 
@@ -172,6 +155,7 @@ def build_engine(spec: dict[str, Any], threads: int):
 def serve(spec: dict[str, Any]) -> None:
     import os
 
+    from efficientbioai.benchmark.images import load_image
     from efficientbioai.config import TilingConfig
     from efficientbioai.energy import EnergyMeter
     from efficientbioai.infer.gpu import nvml_index
