@@ -8,8 +8,7 @@ import pytest
 from efficientbioai.config import InferConfig, validate_config
 from efficientbioai.engines import Engine, OpenVINOEngine
 from efficientbioai.errors import ConfigError
-from efficientbioai.infer.predict import sample_localizer
-from efficientbioai.infer.predict import Predictor
+from efficientbioai.infer.predict import Predictor, sample_localizer
 from efficientbioai.localize import (
     SampleLocalizer,
     auto_factor,
