@@ -24,11 +24,13 @@ AUTO_PRUNE_RATIOS = (0.25, 0.5)
 AXES_HELP = "input axes of the network, 'bcyx' for 2D or 'bczyx' for 3D"
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
+    """A config section: unknown keys are errors, attribute docstrings are the documentation."""
+
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictConfig):
     """Where the model comes from and how to build it."""
 
     kind: str = Field(
@@ -94,7 +96,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class CalibrationConfig(_Strict):
+class CalibrationConfig(StrictConfig):
     """The user's images that calibrate the quantizer and check fidelity (held-out tiles)."""
 
     images: str | None = Field(
@@ -118,7 +120,7 @@ class CalibrationConfig(_Strict):
     seed: int = Field(0, description="random seed of the tile sampler")
 
 
-class MaxDropConfig(_Strict):
+class MaxDropConfig(StrictConfig):
     """An accuracy budget against the original model."""
 
     metric: Literal["pearson", "task"] = Field(
@@ -132,7 +134,7 @@ class MaxDropConfig(_Strict):
     )
 
 
-class FineTuneConfig(_Strict):
+class FineTuneConfig(StrictConfig):
     """Recovering accuracy after pruning, on tiles of the calibration images.
 
     Training stops early: when the validation Pearson r to the original reaches ``stop_at_drop`` (by
@@ -183,7 +185,7 @@ class FineTuneConfig(_Strict):
     )
 
 
-class PruneConfig(_Strict):
+class PruneConfig(StrictConfig):
     """Structured pruning: whole channels are removed, so the network gets physically smaller."""
 
     method: Literal["l1", "l2", "fpgm"] = Field(
@@ -237,7 +239,7 @@ class PruneConfig(_Strict):
         return self.ratios if "ratio" in self.model_fields_set else list(AUTO_PRUNE_RATIOS)
 
 
-class QuantizeConfig(_Strict):
+class QuantizeConfig(StrictConfig):
     """How the model is made smaller and faster."""
 
     precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
@@ -297,7 +299,7 @@ class QuantizeConfig(_Strict):
         return self
 
 
-class TensorRTExportConfig(_Strict):
+class TensorRTExportConfig(StrictConfig):
     """The TensorRT engine (export.targets: [tensorrt]), for NVIDIA GPUs."""
 
     precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] | None = Field(
@@ -310,7 +312,7 @@ class TensorRTExportConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, description="largest batch the engine accepts")
 
 
-class ExportConfig(_Strict):
+class ExportConfig(StrictConfig):
     """Which engines to build."""
 
     targets: list[Literal["openvino", "onnx", "tensorrt"]] = Field(
@@ -331,7 +333,7 @@ class ExportConfig(_Strict):
     )
 
 
-class FidelityConfig(_Strict):
+class FidelityConfig(StrictConfig):
     """How the compressed model is checked against the original on held-out tiles."""
 
     num_tiles: int = Field(8, ge=1, description="held-out tiles (never used for calibration)")
@@ -350,7 +352,7 @@ class FidelityConfig(_Strict):
     )
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictConfig):
     """How engines run during compression checks."""
 
     threads: int | None = Field(
@@ -359,7 +361,7 @@ class EngineConfig(_Strict):
     latency_repeats: int = Field(10, ge=1, description="timed runs per engine after warm-up")
 
 
-class CompressConfig(_Strict):
+class CompressConfig(StrictConfig):
     """`efficientbioai compress`: model → compressed engine in an artifact directory."""
 
     model: ModelConfig
@@ -423,7 +425,7 @@ class CompressConfig(_Strict):
         return self
 
 
-class BackgroundConfig(_Strict):
+class BackgroundConfig(StrictConfig):
     """Skipping tiles of flat background (off by default)."""
 
     skip: bool = Field(
@@ -437,7 +439,7 @@ class BackgroundConfig(_Strict):
     )
 
 
-class LocalizeConfig(_Strict):
+class LocalizeConfig(StrictConfig):
     """Sample localisation for sparse volumes (CT, cleared tissue; off by default).
 
     A first pass on a block-averaged, downsampled copy of each image finds the sample (gaussian smoothing,
@@ -490,7 +492,7 @@ class LocalizeConfig(_Strict):
         return v
 
 
-class TilingConfig(_Strict):
+class TilingConfig(StrictConfig):
     """Sliding-window inference over whole images."""
 
     tile_shape: list[int] | None = Field(
@@ -536,7 +538,7 @@ JOBQUEUE_CLUSTERS = {
 }
 
 
-class DistributedConfig(_Strict):
+class DistributedConfig(StrictConfig):
     """Run `infer` on a Dask cluster: blocks of the output are independent tasks (zarr and TIFF outputs)."""
 
     scheduler: str = Field(
@@ -590,7 +592,7 @@ class DistributedConfig(_Strict):
         return self
 
 
-class InstanceConfig(_Strict):
+class InstanceConfig(StrictConfig):
     """task instance: how instances are made from the foreground probability."""
 
     method: Literal["components", "watershed"] = Field(
@@ -604,7 +606,7 @@ class InstanceConfig(_Strict):
     )
 
 
-class CellposeInferConfig(_Strict):
+class CellposeInferConfig(StrictConfig):
     """Cellpose artifacts (model.kind cellpose): cellpose's own eval settings, as cellpose users set them.
 
     Cellpose tiles, rescales and reconstructs the masks itself; the `tiling`, `task`, `threshold` and
@@ -633,7 +635,7 @@ class CellposeInferConfig(_Strict):
     invert: bool = Field(False, description="invert intensities (dark objects on a bright background)")
 
 
-class GpuConfig(_Strict):
+class GpuConfig(StrictConfig):
     """NVIDIA GPU engines in `infer`."""
 
     index: int = Field(0, ge=0, description="CUDA device index of the GPU to run on")
@@ -657,7 +659,7 @@ GPU_BACKENDS = ("tensorrt", "torch-cuda", "onnxruntime-cuda", "onnxruntime-tenso
 """The backends that run on an NVIDIA GPU."""
 
 
-class InferConfig(_Strict):
+class InferConfig(StrictConfig):
     """`efficientbioai infer`: run a compressed engine over whole images."""
 
     model: Path = Field(description="an artifact directory written by `efficientbioai compress`")

@@ -19,8 +19,8 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from efficientbioai.config import (
     CompressConfig,
     ModelConfig,
+    StrictConfig,
     TilingConfig,
-    _Strict,
     read_config_file,
     validate_config,
 )
@@ -32,7 +32,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 TASKS = ("restoration", "semantic", "instance")
 
 
-class GenerateConfig(_Strict):
+class GenerateConfig(StrictConfig):
     """Generated fluorescence-like nuclei with their ground truth (nothing is downloaded)."""
 
     generate: Literal["nuclei"] = Field(
@@ -57,7 +57,7 @@ class GenerateConfig(_Strict):
         return v
 
 
-class ImageSource(_Strict):
+class ImageSource(StrictConfig):
     """Images of your own (TIFF / NPY / zarr), optionally with ground truth."""
 
     path: str = Field(description="a file, folder or glob of images")
@@ -79,7 +79,7 @@ Source = Annotated[
 ]
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     """Train the model briefly on generated images first (for configs that must run with no files)."""
 
     steps: int = Field(200, ge=1, description="optimizer steps")
@@ -92,14 +92,14 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="random seed of the training images, crops and weights")
 
 
-class RunsConfig(_Strict):
+class RunsConfig(StrictConfig):
     """How often each row runs over the images."""
 
     warmup: int = Field(1, ge=0, description="untimed whole-image runs per image before timing")
     repeats: int = Field(5, ge=1, description="timed whole-image runs per image (median and spread)")
 
 
-class PanelsConfig(_Strict):
+class PanelsConfig(StrictConfig):
     """Image panels in report.html: input / original output / compressed output / difference."""
 
     enabled: bool = Field(True, description="draw the panels")
@@ -108,7 +108,7 @@ class PanelsConfig(_Strict):
     size: int = Field(320, ge=32, description="longest side of a panel in pixels")
 
 
-class BenchmarkConfig(_Strict):
+class BenchmarkConfig(StrictConfig):
     """`efficientbioai benchmark`: the original model against compressed variants, on whole images."""
 
     title: str | None = Field(None, description="title of the report (default: the model's name)")
