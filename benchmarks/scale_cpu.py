@@ -21,6 +21,10 @@ included) every 20 ms with psutil, minus nothing (the whole process tree). Throu
 seconds ``infer`` reports for the image (tiles read to output written; for Dask the stream's wall time).
 The single-process rows use ``--threads`` engine threads (default: all cores).
 
+Localisation rows (``--localize-depth``, default 64): a sparse float32 zarr volume of that depth (a cylinder of
+tissue through the stack holding 25% of the voxels, benchmarks/localize_cpu.py's generator), out of core
+without and with ``tiling.localize``; the speed-up is the ratio of the two ``infer()`` calls' wall times.
+
 Run:  python benchmarks/scale_cpu.py [--depths 64 128 300] [--size 2048 2048] [--threads N] [--keep]
 """
 
@@ -53,6 +57,10 @@ ROWS = {
     "in_memory": "in memory (out_of_core: false)",
     "out_of_core": "out of core (out_of_core: true)",
     "dask": "Dask LocalCluster 2 workers x 1 thread",
+}
+LOCALIZE_ROWS = {  # on a sparse volume (a 25% cylinder of tissue through the stack), out of core
+    "sparse": "sparse sample, out of core, no localisation",
+    "sparse_localize": "sparse sample, out of core + tiling.localize",
 }
 
 
@@ -101,6 +109,8 @@ def infer_config(row: str, work: Path, volume: Path, threads: int) -> dict:
     if row == "dask":
         cfg["tiling"]["out_of_core"] = "auto"
         cfg["distributed"] = {"scheduler": "local", "n_workers": 2, "threads_per_worker": 1}
+    if row == "sparse_localize":
+        cfg["tiling"]["localize"] = {"enabled": True}
     return cfg
 
 
@@ -114,7 +124,13 @@ def child_main(args) -> None:
     result = infer(cfg, quiet=True)
     wall = time.perf_counter() - t0
     run = result.images[0].runs[0]
-    print(RESULT + json.dumps({"seconds": run.seconds, "wall": wall, "voxels": run.voxels}), flush=True)
+    print(
+        RESULT
+        + json.dumps(
+            {"seconds": run.seconds, "wall": wall, "voxels": run.voxels, "skipped": run.skipped_fraction}
+        ),
+        flush=True,
+    )
 
 
 class TreeRSS:
@@ -172,6 +188,40 @@ def run_row(row: str, work: Path, volume: Path, threads: int) -> dict:
     return result
 
 
+def localization_rows(work: Path, shape: tuple[int, int, int], threads: int) -> list[list[str]]:
+    """Out of core on a sparse volume (a cylinder of tissue holding 25% of the voxels, float32 zarr),
+    without and with ``tiling.localize``, each in a fresh process (as the other rows)."""
+    from localize_cpu import write_sparse_volume
+
+    volume = work / f"sparse_{shape[0]}.zarr"
+    t0 = time.perf_counter()
+    sample = write_sparse_volume(volume, shape)
+    fraction = float(sample.disk().mean())
+    print(
+        f"  generated a sparse {shape} float32 volume, sample in {fraction:.0%} ({time.perf_counter() - t0:.0f} s)"
+    )
+    label = "x".join(map(str, shape)) + " sparse"
+    results, rows = {}, []
+    for row, name in LOCALIZE_ROWS.items():
+        res = results[row] = run_row(row, work, volume, threads)
+        note = f"{res['seconds']:.1f} s"
+        if row == "sparse_localize":
+            speedup = results["sparse"]["wall"] / res["wall"]
+            note += f"; {speedup:.2f}x faster end to end; {res['skipped']:.0%} of the voxels skipped"
+        print(f"  {label} {row}: {note}, peak RSS {res['peak_rss'] / 2**30:.2f} GiB", flush=True)
+        rows.append(
+            [
+                label,
+                name,
+                f"{res['peak_rss'] / 2**30:.2f} GiB",
+                f"{res['voxels'] / res['seconds'] / 1e6:.2f}",
+                note,
+            ]
+        )
+    shutil.rmtree(volume, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[64, 128, 300], help="volume depths")
@@ -183,6 +233,12 @@ def main() -> None:
     )
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="what to run")
     parser.add_argument("--calib-tiles", type=int, default=16, help="int8 calibration tiles (default 16)")
+    parser.add_argument(
+        "--localize-depth",
+        type=int,
+        default=64,
+        help="depth of the sparse volume for the localisation rows (0: no localisation rows)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
@@ -237,6 +293,8 @@ def main() -> None:
                     ]
                 )
             shutil.rmtree(volume, ignore_errors=True)
+        if args.localize_depth:
+            rows += localization_rows(work, (args.localize_depth, *args.size), args.threads)
         print()
         print(
             table(

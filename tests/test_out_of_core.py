@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from efficientbioai.engines import Engine
-from efficientbioai.infer.merge import BandMerger, InMemoryMerger, RegionMerger, choose_slab
+from efficientbioai.infer.merge import BandMerger, InMemoryMerger, Merger, RegionMerger, choose_slab
 from efficientbioai.infer.outofcore import output_layout, predict_to_output, use_out_of_core
 from efficientbioai.infer.predict import Predictor
 from efficientbioai.io import ChunkedOutput, partial_outputs, read_image
@@ -74,6 +74,47 @@ def test_band_merger_equals_in_memory(shape, tile, overlap, blend, slab):
     merger = BandMerger(p.grid(shape[1:]), shape[0], sink, slab, blend)
     assert p(image, merger=merger).output is None
     np.testing.assert_array_equal(got, ref)  # identical to the bit, not only within 1e-5
+
+
+class BlendEverything(InMemoryMerger):
+    """The blending every skipped tile got before fills existed (the base class's fill_constant)."""
+
+    fill_constant = Merger.fill_constant
+
+
+@pytest.mark.parametrize(("shape", "tile", "overlap", "blend"), [CASES[0], CASES[1], CASES[4]])
+def test_skipped_tiles_far_from_run_tiles_hold_the_value_exactly(shape, tile, overlap, blend):
+    """Skipped tiles that no run tile overlaps are written with the value after normalising, not blended:
+    run-covered pixels are unchanged to the bit, the rest is exactly the value, in every merger."""
+    image = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    p = _predictor(image, tile, overlap=overlap, blend=blend)
+    plan = p.plan(image)
+    grid = plan.grid
+    skipped = np.ones(len(grid), bool)
+    skipped[len(grid) // 2] = False  # one run tile in the middle, every other tile skipped
+    value = np.arange(1, shape[0] + 1, dtype=np.float32) * 0.37
+    fill = skipped & ~grid.touching(~skipped)
+    assert fill.any() and (skipped & ~fill).any()  # both kinds of skipped tiles occur
+    plan.skipped, plan.value, plan.fill = skipped, value, fill
+    new = p(image, plan=plan).output
+    old = p(image, plan=plan, merger=BlendEverything(grid, shape[0], blend)).output
+    covered, filled = np.zeros(shape[1:], bool), np.zeros(shape[1:], bool)
+    covered[grid.tiles[len(grid) // 2].target] = True
+    for t in np.flatnonzero(fill):
+        filled[grid.tiles[t].target] = True
+    assert not (covered & filled).any()
+    np.testing.assert_array_equal(new[:, covered], old[:, covered])
+    values = np.broadcast_to(value.reshape(-1, *[1] * (len(shape) - 1)), shape)
+    np.testing.assert_array_equal(new[:, filled], values[:, filled])
+    np.testing.assert_allclose(old[:, ~covered], values[:, ~covered], rtol=1e-6)  # blended: up to rounding
+    np.testing.assert_allclose(new[:, ~covered], values[:, ~covered], rtol=1e-6)
+    got = np.full(shape, np.nan, np.float32)
+
+    def sink(region, data):
+        got[(slice(None), *region)] = data
+
+    p(image, plan=plan, merger=BandMerger(grid, shape[0], sink, 4, blend))
+    np.testing.assert_array_equal(got, new)
 
 
 def test_region_merger_gives_the_whole_image_pixels_there():
