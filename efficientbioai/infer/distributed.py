@@ -331,8 +331,10 @@ def infer_distributed(
         def commit(k: int) -> None:
             nonlocal last
             item = pending.pop(k)
-            if wants_labels(cfg, task, bool(item["layout"].lead)):
-                write_labels_blockwise(cfg, item["out"], item["layout"], item["regions"], client)
+            if wants_labels(cfg.instance, task, bool(item["layout"].lead)):
+                write_labels_blockwise(
+                    cfg.instance, cfg.threshold, item["out"], item["layout"], item["regions"], client
+                )
             item["out"].commit()
             now = time.perf_counter()
             rec = item["record"]
@@ -348,7 +350,8 @@ def infer_distributed(
             rec.runs.append(run)
             if item["tpath"] is not None:
                 written = np.asarray(read_image(rec.output), np.float32)
-                run.metrics = score(cfg, task, written, read_target(item["tpath"], written.shape, model_axes))
+                target = read_target(item["tpath"], written.shape, model_axes)
+                run.metrics = score(task, written, target, cfg.threshold, cfg.instance)
 
         for k in [k for k, item in pending.items() if item["left"] == 0]:
             commit(k)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from efficientbioai.config import InferConfig
+from efficientbioai.config import InstanceConfig
 from efficientbioai.errors import ConfigError
 
 
@@ -170,10 +170,10 @@ def label_blocks(
     return int(keep.sum())
 
 
-def wants_labels(cfg: InferConfig, task: str | None, several: bool = False) -> bool:
+def wants_labels(instance: InstanceConfig, task: str | None, several: bool = False) -> bool:
     """Whether to write labels (``instance.write_labels`` with task instance); ``several``: the prediction
     has channel or sample axes, which is an error then."""
-    if not (cfg.instance.write_labels and task == "instance"):
+    if not (instance.write_labels and task == "instance"):
         return False
     if several:
         raise ConfigError(
@@ -184,7 +184,9 @@ def wants_labels(cfg: InferConfig, task: str | None, several: bool = False) -> b
     return True
 
 
-def write_labels_blockwise(cfg: InferConfig, out, layout, regions, client=None) -> None:
+def write_labels_blockwise(
+    instance: InstanceConfig, threshold: float, out, layout, regions, client=None
+) -> None:
     """Label the prediction in ``out``'s store block by block into ``labels_path(out.path)``."""
     from efficientbioai.infer.images import labels_path
     from efficientbioai.io import ChunkedOutput
@@ -203,9 +205,9 @@ def write_labels_blockwise(cfg: InferConfig, out, layout, regions, client=None) 
         out.store,
         labels.store,
         regions,
-        threshold=cfg.threshold,
-        method=cfg.instance.method,
-        min_size=cfg.instance.min_size,
+        threshold=threshold,
+        method=instance.method,
+        min_size=instance.min_size,
         client=client,
     )
     labels.commit()

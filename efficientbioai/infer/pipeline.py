@@ -117,7 +117,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 target = read_target(tpath, existing.shape, model_axes) if tpath else None
                 record.runs.append(
                     RunRecord(
-                        engines[0].label, None, voxels, None, metrics=score(cfg, task, existing, target)
+                        engines[0].label,
+                        None,
+                        voxels,
+                        None,
+                        metrics=score(task, existing, target, cfg.threshold, cfg.instance),
                     )
                 )
                 records.append(record)
@@ -166,9 +170,9 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     ) as bar,
                 ):
                     preds = predict_to_output(predictor, images, out, layout, progress=bar)
-                if wants_labels(cfg, task, bool(layout.lead)):
+                if wants_labels(cfg.instance, task, bool(layout.lead)):
                     slabs = blocks(spatial, (layout.slab, *spatial[1:]))
-                    write_labels_blockwise(cfg, out, layout, slabs)
+                    write_labels_blockwise(cfg.instance, cfg.threshold, out, layout, slabs)
                 out.commit()
                 run = RunRecord(
                     engines[0].label,
@@ -185,7 +189,8 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 record.runs.append(run)
                 if tpath is not None:
                     written = np.asarray(read_image(opath), np.float32)
-                    run.metrics = score(cfg, task, written, read_target(tpath, written.shape, model_axes))
+                    target = read_target(tpath, written.shape, model_axes)
+                    run.metrics = score(task, written, target, cfg.threshold, cfg.instance)
                 records.append(record)
                 continue
             outputs = []
@@ -228,7 +233,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 axes=None if "b" in out_axes else out_axes,
                 pixel_size=read_pixel_size(path),
             )
-            if wants_labels(cfg, task, several=outputs[0].ndim != len(model_axes) - 2):
+            if wants_labels(cfg.instance, task, several=outputs[0].ndim != len(model_axes) - 2):
                 labels = metrics.instances_from_probability(
                     outputs[0], cfg.threshold, cfg.instance.method, cfg.instance.min_size
                 )
@@ -236,7 +241,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             if tpath is not None:
                 target = read_target(tpath, outputs[0].shape, model_axes)
                 for run, out in zip(record.runs, outputs, strict=True):
-                    run.metrics = score(cfg, task, out, target)
+                    run.metrics = score(task, out, target, cfg.threshold, cfg.instance)
             if len(outputs) == 2:
                 record.agreement = {
                     "pearson": metrics.pearson(outputs[0], outputs[1]),

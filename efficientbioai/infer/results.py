@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from efficientbioai import metrics
-from efficientbioai.config import InferConfig
+from efficientbioai.config import InstanceConfig
 from efficientbioai.energy import EnergyReading, energy_ratio_text, energy_summary, format_energy
 from efficientbioai.infer.predict import Prediction
 from efficientbioai.tables import table
@@ -175,13 +175,14 @@ def energy_note(readings: list[EnergyReading | None]) -> str | None:
     return energy_summary(readings)
 
 
-def score(cfg: InferConfig, task: str | None, pred: np.ndarray, target: np.ndarray | None) -> dict:
-    """The task metrics of ``pred`` against ``target`` (empty without a target or a task)."""
+def score(
+    task: str | None, pred: np.ndarray, target: np.ndarray | None, threshold: float, instance: InstanceConfig
+) -> dict:
+    """The task metrics of ``pred`` against ``target`` (empty without a target or a task); ``threshold``
+    and ``instance`` are ``infer``'s settings for masks and instances."""
     if target is None or task is None:
         return {}
-    return metrics.task_metrics(
-        task, pred, target, threshold=cfg.threshold, instance_method=cfg.instance.method
-    )
+    return metrics.task_metrics(task, pred, target, threshold=threshold, instance_method=instance.method)
 
 
 def localization_note(pred: Prediction) -> str:
