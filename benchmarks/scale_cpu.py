@@ -298,7 +298,7 @@ def main() -> None:
         print()
         print(
             table(
-                ["volume (uint16 zarr)", "path", "peak RSS", "Mvoxel/s", "seconds / note"],
+                ["volume (zarr)", "path", "peak RSS", "Mvoxel/s", "seconds / note"],
                 rows,
                 title=f"infer, 3D U-Net int8, tile {'x'.join(map(str, TILE))}, overlap {OVERLAP} "
                 f"(peak RSS: whole process tree)",
