@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from efficientbioai import metrics
+from efficientbioai.compress.calibration import crop_halo
 from efficientbioai.config import FineTuneConfig, PruneConfig
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 
@@ -310,13 +311,6 @@ def _random_crops(rng, images, targets, tile, n):
     return np.stack(xs), (np.stack(ts) if targets is not None else None)
 
 
-def _crop_halo_t(x, halo):
-    """The halo-cropped centre of a (B, C, *spatial) tensor, as the fidelity check crops outputs."""
-    from efficientbioai.compress.pipeline import _crop_halo  # pipeline imports this module
-
-    return _crop_halo(x, halo) if halo and any(halo) else x
-
-
 def _supervised_loss(postprocessing: list[dict[str, Any]], task: str):
     """The task's loss on the raw network output, or None when the postprocessing is not differentiable here."""
     import torch.nn.functional as F
@@ -387,12 +381,12 @@ def fine_tune(
         return out[0] if isinstance(out, tuple | list) else out
 
     with torch.no_grad():
-        val_ref = np.concatenate([_crop_halo_t(raw(teacher, v[None]), halo).numpy() for v in val])
+        val_ref = np.concatenate([crop_halo(raw(teacher, v[None]), halo).numpy() for v in val])
 
     def score(net) -> float:
         net.eval()
         with torch.no_grad():
-            out = np.concatenate([_crop_halo_t(raw(net, v[None]), halo).numpy() for v in val])
+            out = np.concatenate([crop_halo(raw(net, v[None]), halo).numpy() for v in val])
         return metrics.pearson(out, val_ref)
 
     best = score(student)
@@ -421,12 +415,12 @@ def fine_tune(
             rng, images, targets if mode == "supervised" else None, tile_shape, cfg.batch_size
         )
         x = torch.from_numpy(xb.astype(np.float32))
-        out = _crop_halo_t(raw(student, x), halo)
+        out = crop_halo(raw(student, x), halo)
         if mode == "supervised":
-            loss = loss_fn(out, _crop_halo_t(torch.from_numpy(tb.astype(np.float32)), halo))
+            loss = loss_fn(out, crop_halo(torch.from_numpy(tb.astype(np.float32)), halo))
         else:
             with torch.no_grad():
-                ref = _crop_halo_t(raw(teacher, x), halo)
+                ref = crop_halo(raw(teacher, x), halo)
             loss = mse(out, ref)
         opt.zero_grad(set_to_none=True)
         loss.backward()
