@@ -106,8 +106,8 @@ class BuildContext:
     prune: PruneConfig | None
     workdir: Path  # candidates are built under workdir / "candidates"
     threads: int
-    latency_repeats: int = 10
-    seed: int = 0  # calibration.seed: fine-tuning's crops and initialisation
+    latency_repeats: int  # engine.latency_repeats
+    seed: int  # calibration.seed: fine-tuning's crops and initialisation
     quiet: bool = False
 
     @property
