@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from efficientbioai import metrics
+from efficientbioai.compress.calibration import postprocess, preprocess
 from efficientbioai.compress.export import export_onnx, rewrite_onnx, slim_onnx, to_openvino
-from efficientbioai.compress.pipeline import postprocess, preprocess
 from efficientbioai.compress.quantize import quantize_int8
 from efficientbioai.compress.rewrite import rewrite_summary
 from efficientbioai.config import ModelConfig, QuantizeConfig

@@ -48,7 +48,7 @@ from infer_cpu import KWARGS  # noqa: E402  (the 3D benchmark U-Net)
 
 from efficientbioai import metrics  # noqa: E402
 from efficientbioai.compress import compress  # noqa: E402
-from efficientbioai.compress.pipeline import candidates_table  # noqa: E402
+from efficientbioai.compress.tables import candidates_table  # noqa: E402
 from efficientbioai.config import validate_config  # noqa: E402
 from efficientbioai.engines import OpenVINOEngine, TorchEngine  # noqa: E402
 from efficientbioai.errors import FidelityError  # noqa: E402

@@ -39,32 +39,23 @@ def demo_unet():
 def train(images, masks, steps: int = DEMO_TRAIN_STEPS, seed: int = 0, quiet: bool = False):
     """Train :func:`demo_unet` on random 128 × 128 crops (BCE + soft Dice) for ``steps`` steps."""
     import torch
-    from tqdm.auto import tqdm
+
+    from efficientbioai.training import fit, random_crops, soft_dice_loss
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = demo_unet().train()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    crop, batch = 128, 8
-    with tqdm(total=steps, desc="training the demo U-Net", unit="step", disable=quiet, leave=False) as bar:
-        for _ in range(steps):
-            xs, ys = [], []
-            for _ in range(batch):
-                i = rng.integers(len(images))
-                y0, x0 = (rng.integers(0, s - crop + 1) for s in images[i].shape)
-                xs.append(images[i][y0 : y0 + crop, x0 : x0 + crop])
-                ys.append(masks[i][y0 : y0 + crop, x0 : x0 + crop])
-            x = torch.from_numpy(np.stack(xs)[:, None])
-            y = torch.from_numpy(np.stack(ys)[:, None].astype(np.float32))
-            p = net(x).clamp(1e-6, 1 - 1e-6)
-            bce = torch.nn.functional.binary_cross_entropy(p, y)
-            dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
-            loss = bce + dice
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    net = demo_unet()
+    crop, batch = (128, 128), 8
+
+    def batches():
+        xs, ys = random_crops(rng, images, masks, crop, batch)
+        return torch.from_numpy(xs[:, None]), torch.from_numpy(ys[:, None].astype(np.float32))
+
+    def loss(p, y):
+        p = p.clamp(1e-6, 1 - 1e-6)
+        return torch.nn.functional.binary_cross_entropy(p, y) + soft_dice_loss(p, y)
+
+    fit(net, batches, loss, steps=steps, lr=3e-3, desc="training the demo U-Net", quiet=quiet)
     return net.eval()
 
 

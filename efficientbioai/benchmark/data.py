@@ -10,7 +10,6 @@ Nothing is downloaded: the images come from :func:`efficientbioai.synthetic.nucl
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,8 @@ def train_module(
     entropy on the logits plus a soft Dice on their sigmoid (foreground of the nuclei).
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from efficientbioai.training import fit, random_crops, soft_dice_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -96,36 +96,16 @@ def train_module(
     pairs = [generate_pair(spec, task, spec.seed + TRAIN_SEED_OFFSET + seed + k) for k in range(images)]
     xs_all = [p[0] for p in pairs]
     ys_all = [(p[1] if task == "restoration" else (p[1] > 0)).astype(np.float32) for p in pairs]
-    module = module.train()
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
-    with tqdm(
-        total=steps,
-        desc="training on generated images",
-        unit="step",
-        disable=quiet,
-        leave=False,
-        file=sys.stderr,
-    ) as bar:
-        for _ in range(steps):
-            xs, ys = [], []
-            for _ in range(batch_size):
-                i = int(rng.integers(len(xs_all)))
-                start = [int(rng.integers(0, s - c + 1)) for s, c in zip(xs_all[i].shape, crop, strict=True)]
-                sl = tuple(slice(a, a + c) for a, c in zip(start, crop, strict=True))
-                xs.append(xs_all[i][sl])
-                ys.append(ys_all[i][sl])
-            x = torch.from_numpy(np.stack(xs)[:, None])
-            y = torch.from_numpy(np.stack(ys)[:, None])
-            out = module(x)
-            if task == "restoration":
-                loss = torch.nn.functional.mse_loss(out, y)
-            else:
-                p = torch.sigmoid(out)
-                dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(out, y) + dice
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    def batches():
+        xs, ys = random_crops(rng, xs_all, ys_all, crop, batch_size)
+        return torch.from_numpy(xs[:, None]), torch.from_numpy(ys[:, None])
+
+    def loss(out, y):
+        if task == "restoration":
+            return torch.nn.functional.mse_loss(out, y)
+        dice = soft_dice_loss(torch.sigmoid(out), y)
+        return torch.nn.functional.binary_cross_entropy_with_logits(out, y) + dice
+
+    fit(module, batches, loss, steps=steps, lr=lr, desc="training on generated images", quiet=quiet)
     return module.eval()

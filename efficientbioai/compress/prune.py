@@ -11,15 +11,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from efficientbioai import metrics
+from efficientbioai.compress.calibration import crop_halo
 from efficientbioai.config import FineTuneConfig, PruneConfig
 from efficientbioai.errors import ConfigError, EfficientBioAIError
+from efficientbioai.training import Evaluation, fit, random_crops
 
 
 def _is_conv(module) -> bool:
@@ -297,26 +298,6 @@ DEFAULT_EVAL_EVERY = 50
 """Validation interval of fine-tuning when ``eval_every`` is not given (or steps / 10 when smaller)."""
 
 
-def _random_crops(rng, images, targets, tile, n):
-    xs, ts = [], []
-    for _ in range(n):
-        i = int(rng.integers(len(images)))
-        im = images[i]
-        start = [int(rng.integers(0, max(1, s - t + 1))) for s, t in zip(im.shape[1:], tile, strict=True)]
-        sl = (slice(None),) + tuple(slice(s, s + t) for s, t in zip(start, tile, strict=True))
-        xs.append(im[sl])
-        if targets is not None:
-            ts.append(targets[i][sl])
-    return np.stack(xs), (np.stack(ts) if targets is not None else None)
-
-
-def _crop_halo_t(x, halo):
-    """The halo-cropped centre of a (B, C, *spatial) tensor, as the fidelity check crops outputs."""
-    from efficientbioai.compress.pipeline import _crop_halo  # pipeline imports this module
-
-    return _crop_halo(x, halo) if halo and any(halo) else x
-
-
 def _supervised_loss(postprocessing: list[dict[str, Any]], task: str):
     """The task's loss on the raw network output, or None when the postprocessing is not differentiable here."""
     import torch.nn.functional as F
@@ -360,7 +341,6 @@ def fine_tune(
     validations in a row without a rise of ``cfg.min_delta``.
     """
     import torch
-    from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -377,8 +357,6 @@ def fine_tune(
                 f"({', '.join(s['id'] for s in postprocessing)}) has no training loss here",
                 "use prune.finetune.mode: distill (learns from the original model's outputs)",
             )
-    mse = torch.nn.functional.mse_loss
-
     teacher = teacher.eval()
     val = torch.from_numpy(np.stack(val_tiles).astype(np.float32))
 
@@ -387,12 +365,12 @@ def fine_tune(
         return out[0] if isinstance(out, tuple | list) else out
 
     with torch.no_grad():
-        val_ref = np.concatenate([_crop_halo_t(raw(teacher, v[None]), halo).numpy() for v in val])
+        val_ref = np.concatenate([crop_halo(raw(teacher, v[None]), halo).numpy() for v in val])
 
     def score(net) -> float:
         net.eval()
         with torch.no_grad():
-            out = np.concatenate([_crop_halo_t(raw(net, v[None]), halo).numpy() for v in val])
+            out = np.concatenate([crop_halo(raw(net, v[None]), halo).numpy() for v in val])
         return metrics.pearson(out, val_ref)
 
     best = score(student)
@@ -409,47 +387,48 @@ def fine_tune(
     every = cfg.eval_every or max(1, min(DEFAULT_EVAL_EVERY, cfg.steps // 10))
     stale = 0  # validations in a row without improvement
     stopped = f"step cap ({cfg.steps})"
-    last = cfg.steps
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
-    bar = tqdm(
-        range(1, cfg.steps + 1), desc=f"fine-tuning ({mode})", disable=quiet, file=sys.stderr, leave=False
-    )
-    for step in bar:
-        student.train()
-        xb, tb = _random_crops(
-            rng, images, targets if mode == "supervised" else None, tile_shape, cfg.batch_size
-        )
+    supervised = mode == "supervised"
+
+    def batches():
+        xb, tb = random_crops(rng, images, targets if supervised else None, tile_shape, cfg.batch_size)
         x = torch.from_numpy(xb.astype(np.float32))
-        out = _crop_halo_t(raw(student, x), halo)
-        if mode == "supervised":
-            loss = loss_fn(out, _crop_halo_t(torch.from_numpy(tb.astype(np.float32)), halo))
-        else:
-            with torch.no_grad():
-                ref = _crop_halo_t(raw(teacher, x), halo)
-            loss = mse(out, ref)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % every == 0 or step == cfg.steps:
-            r = score(student)
-            history.append((step, r))
-            stale = 0 if r > best + cfg.min_delta else stale + 1
-            if r > best:
-                best, best_step = r, step
-                best_state = copy.deepcopy(student.state_dict())
-            bar.set_postfix(loss=f"{loss.item():.4g}", val_r=f"{r:.4f}", best=f"{best:.4f}")
-            if stop_at_drop is not None and 1 - best <= stop_at_drop:
-                stopped, last = f"validation drop {1 - best:.4g} ≤ {stop_at_drop:g} at step {step}", step
-                break
-            if cfg.patience is not None and stale >= cfg.patience:
-                stopped = (
-                    f"no improvement ≥ {cfg.min_delta:g} in {cfg.patience} validations (every {every} "
-                    f"steps), stopped at step {step}"
-                )
-                last = step
-                break
-    bar.close()
+        if supervised:
+            return x, crop_halo(torch.from_numpy(tb.astype(np.float32)), halo)
+        with torch.no_grad():  # distillation: the teacher's raw output is the target
+            return x, crop_halo(raw(teacher, x), halo)
+
+    def evaluate(step: int) -> Evaluation:
+        nonlocal best, best_step, best_state, stale, stopped
+        r = score(student)
+        history.append((step, r))
+        stale = 0 if r > best + cfg.min_delta else stale + 1
+        if r > best:
+            best, best_step = r, step
+            best_state = copy.deepcopy(student.state_dict())
+        shown = {"val_r": f"{r:.4f}", "best": f"{best:.4f}"}
+        if stop_at_drop is not None and 1 - best <= stop_at_drop:
+            stopped = f"validation drop {1 - best:.4g} ≤ {stop_at_drop:g} at step {step}"
+            return Evaluation(True, shown)
+        if cfg.patience is not None and stale >= cfg.patience:
+            stopped = (
+                f"no improvement ≥ {cfg.min_delta:g} in {cfg.patience} validations (every {every} "
+                f"steps), stopped at step {step}"
+            )
+            return Evaluation(True, shown)
+        return Evaluation(False, shown)
+
+    last = fit(
+        student,
+        batches,
+        loss_fn if supervised else torch.nn.functional.mse_loss,
+        forward=lambda x: crop_halo(raw(student, x), halo),
+        steps=cfg.steps,
+        lr=cfg.lr,
+        cosine_lr=True,
+        evaluate=evaluate,
+        eval_every=every,
+        desc=f"fine-tuning ({mode})",
+        quiet=quiet,
+    )
     student.load_state_dict(best_state)
     return student.eval(), FineTuneReport(mode, last, best_step, before, best, history, stopped)
