@@ -282,7 +282,8 @@ def run_model(spec: dict, args, work: Path, meter, trt_ok: bool, trt_why: str) -
 
     from efficientbioai import metrics
     from efficientbioai.artifact import Artifact
-    from efficientbioai.compress.tensorrt import prepare_onnx, profile_shapes
+    from efficientbioai.compress.tensorrt import profile_shapes
+    from efficientbioai.compress.trt_graph import prepare_onnx
     from efficientbioai.engines.cuda import TorchCudaEngine, gpu_description
     from efficientbioai.engines.tensorrt import FP8_MIN_CAPABILITY, TensorRTEngine, build_plan
 

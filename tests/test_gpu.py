@@ -25,15 +25,8 @@ import yaml
 
 from efficientbioai import metrics
 from efficientbioai.compress import compress
-from efficientbioai.compress.tensorrt import (
-    gpu_status,
-    int8_to_fp8,
-    profile_covers,
-    profile_shapes,
-    quantize_qdq,
-    signed_int8,
-    to_low_precision,
-)
+from efficientbioai.compress.tensorrt import gpu_status, profile_covers, profile_shapes
+from efficientbioai.compress.trt_graph import int8_to_fp8, quantize_qdq, signed_int8, to_low_precision
 from efficientbioai.config import CompressConfig, InferConfig, validate_config
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 
@@ -511,7 +504,7 @@ def test_torch_cuda_engine_matches_cpu():  # pragma: no cover - GPU machines
 @needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp16", "int8", "fp8"])
 def test_tensorrt_engine_matches_original(trt_artifact, tmp_path, precision):  # pragma: no cover - GPU
-    from efficientbioai.compress.tensorrt import prepare_onnx
+    from efficientbioai.compress.trt_graph import prepare_onnx
     from efficientbioai.engines.cuda import gpu_description
     from efficientbioai.engines.tensorrt import FP8_MIN_CAPABILITY, TensorRTEngine, build_plan
 

@@ -9,7 +9,8 @@ Where things are:
 * ``strategy``: which candidates are tried (``quantize.strategy``) and which one is kept;
 * ``budget`` / ``fidelity``: the accuracy budget (``quantize.max_drop``), the fidelity figures and limits;
 * ``export`` (ONNX, OpenVINO IR), ``rewrite`` (exact graph rewrites), ``prune`` (Torch-Pruning and
-  fine-tuning), ``quantize`` (NNCF int8), ``tensorrt`` (the TensorRT-ready graphs): the tools;
+  fine-tuning), ``quantize`` (NNCF int8), ``trt_graph`` (the ONNX graph at a TensorRT precision) and
+  ``tensorrt`` (the TensorRT export target: graph, CPU check, plan): the tools;
 * ``tables``: the result as printed in the terminal.
 """
 
