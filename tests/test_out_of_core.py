@@ -388,3 +388,24 @@ def test_calibration_sampling_reads_tiles_lazily(tmp_path):
     np.testing.assert_allclose(
         prepared[:, 10:20, 5:9], apply_steps(img[None], steps, "bcyx")[0][:, 10:20, 5:9]
     )
+
+
+def test_fingerprint_changes_with_the_settings_that_change_the_output(tmp_path):
+    """A resumed run must not mix chunks computed with other tiling or localisation settings."""
+    from efficientbioai.infer.outofcore import fingerprint
+    from efficientbioai.localize import SampleLocalizer
+
+    image = np.zeros((1, 8, 32, 32), np.float32)
+    src = tmp_path / "in.npy"
+    np.save(src, image)
+    base = _predictor(image, (8, 16, 16))
+    keys = {
+        "base": fingerprint(src, tmp_path, base),
+        "overlap": fingerprint(src, tmp_path, _predictor(image, (8, 16, 16), overlap=0.5)),
+        "localize": fingerprint(src, tmp_path, _predictor(image, (8, 16, 16), localizer=SampleLocalizer())),
+        "value": fingerprint(
+            src, tmp_path, _predictor(image, (8, 16, 16), localizer=SampleLocalizer(value=0.0))
+        ),
+    }
+    assert len(set(keys.values())) == len(keys)
+    assert fingerprint(src, tmp_path, _predictor(image, (8, 16, 16))) == keys["base"]

@@ -8,6 +8,7 @@ written slab is recorded, so a rerun after an interruption computes only the sla
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -128,6 +129,8 @@ def fingerprint(input_path: Path, artifact: Path, predictor: Predictor, extra: A
             predictor.skip_background,
             predictor.background_threshold,
         ],
+        # sample localisation decides which tiles hold the background value: part of what was computed
+        "localize": dataclasses.asdict(predictor.localizer) if predictor.localizer is not None else None,
         "extra": extra,
     }
     return json.dumps(key, sort_keys=True, default=str)
