@@ -337,7 +337,7 @@ def test_unreadable_rapl_falls_back_to_an_estimate_and_says_how_to_fix_it(tmp_pa
     def denied(self):
         raise PermissionError("root only")
 
-    monkeypatch.setattr(energy._RaplPart, "_read", denied)
+    monkeypatch.setattr(energy.RaplPart, "_read", denied)
     with pytest.warns(RuntimeWarning, match="readable by root only"):
         meter = EnergyMeter(rapl_root=root)
     assert "chmod a+r" in meter.rapl_note
