@@ -10,8 +10,8 @@ For every depth (``--depths``, volumes depth × Y × X with ``--size Y X``, defa
 ``efficientbioai.infer.infer`` once in a fresh subprocess (this script with ``--child``), tile 16×128×128,
 overlap 0.25, gaussian blending, zarr output:
 
-* in memory: ``tiling.out_of_core: false`` (the whole float32 output and weight map in RAM); skipped,
-  with the reason printed, when its estimated need (10 bytes per voxel) exceeds the available memory;
+* in memory: ``tiling.out_of_core: false`` (the whole float32 output in RAM); skipped,
+  with the reason printed, when its estimated need (6 bytes per voxel) exceeds the available memory;
 * out of core: ``tiling.out_of_core: true`` (bounded band, chunks flushed as they complete);
 * Dask: ``distributed: {scheduler: local, n_workers: 2, threads_per_worker: 1}`` (worker processes, one
   engine thread each).
@@ -52,7 +52,7 @@ from efficientbioai.tables import table
 
 TILE = (16, 128, 128)
 RESULT = "@@RESULT@@ "
-BYTES_PER_VOXEL_IN_MEMORY = 10  # float32 output + float32 weight map + the written copy's slabs
+BYTES_PER_VOXEL_IN_MEMORY = 6  # float32 output + the written copy's slabs, with room to spare
 ROWS = {
     "in_memory": "in memory (out_of_core: false)",
     "out_of_core": "out of core (out_of_core: true)",
