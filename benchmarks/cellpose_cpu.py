@@ -115,7 +115,7 @@ def fp32_engine_model(artifact: Path, threads: int):
     """The artifact's model.onnx in OpenVINO fp32 behind the same cellpose stand-in as the int8 engine."""
     from efficientbioai.artifact import read_manifest
     from efficientbioai.cellpose.network import EngineNet
-    from efficientbioai.cellpose.run import _cellpose_model
+    from efficientbioai.cellpose.run import cellpose_model
     from efficientbioai.engines import OpenVINOEngine
     from efficientbioai.models.cellpose import cellpose_spec
 
@@ -128,7 +128,7 @@ def fp32_engine_model(artifact: Path, threads: int):
         diam_mean=spec["diam_mean"],
         diam_labels=spec["diam_labels"],
     )
-    return _cellpose_model(net, spec, "OpenVINO fp32", threads)
+    return cellpose_model(net, spec, "OpenVINO fp32", threads)
 
 
 def main() -> None:

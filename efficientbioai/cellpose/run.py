@@ -27,7 +27,7 @@ from efficientbioai.models.cellpose import cellpose_spec, parse_channels, requir
 AP_THRESHOLDS = (0.5, 0.75, 0.9)
 
 
-def _cellpose_model(net, spec: dict[str, Any], label: str, threads: int):
+def cellpose_model(net, spec: dict[str, Any], label: str, threads: int):
     """A ``CellposeModel`` (no weights loaded, nothing downloaded) around ``net``."""
     require_cellpose()
     import torch
@@ -76,7 +76,7 @@ def engine_model(
         diam_mean=spec["diam_mean"],
         diam_labels=spec["diam_labels"],
     )
-    return _cellpose_model(net, spec, engine.label, threads)
+    return cellpose_model(net, spec, engine.label, threads)
 
 
 def original_model(
@@ -104,7 +104,7 @@ def original_model(
     if mkldnn is None:
         mkldnn = bool(torch.backends.mkldnn.is_available())
     net = TorchNet(loaded.module.net, mkldnn=mkldnn)
-    return _cellpose_model(net, spec, "torch fp32 (original)", threads or default_threads())
+    return cellpose_model(net, spec, "torch fp32 (original)", threads or default_threads())
 
 
 @dataclass
