@@ -111,6 +111,10 @@ class TileGrid:
             tiles.append(t)
         return cls(tuple(int(s) for s in image_shape), tuple(tiles), halo, overlap, tuple(starts))
 
+    def __getstate__(self) -> dict:
+        # the cached tiles and weights are rebuilt on use: a grid sent to Dask workers stays a few bytes
+        return {k: v for k, v in self.__dict__.items() if k not in ("tiles", "_inverse", "_gaussian")}
+
     @property
     def inner(self) -> tuple[int, ...]:
         return tuple(t - 2 * h for t, h in zip(self.tile, self.halo, strict=True))

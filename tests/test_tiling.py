@@ -195,3 +195,15 @@ def test_openvino_async_map_keeps_order(tmp_path):
     for b, o in zip(batches, outs, strict=True):
         np.testing.assert_allclose(o, engine(b), rtol=1e-5, atol=1e-5)
     assert not np.allclose(outs[0], outs[5])
+
+
+def test_a_pickled_grid_leaves_its_caches_behind():
+    """Grids travel to Dask workers inside every task: the cached tiles and weights must not travel along."""
+    import pickle
+
+    grid = TileGrid.build((300, 2048, 2048), (16, 128, 128), overlap=0.25)
+    small = len(pickle.dumps(grid))
+    assert len(grid.tiles) == 11025 and grid.inverse_axis_weights("gaussian")[0].shape == (300,)
+    assert len(pickle.dumps(grid)) == small < 2000
+    again = pickle.loads(pickle.dumps(grid))
+    assert again == grid and again.tiles == grid.tiles
