@@ -215,10 +215,6 @@ class Artifact:
         self.directory = Path(directory).expanduser().resolve()
         self.manifest = manifest if manifest is not None else read_manifest(self.directory)
 
-    @classmethod
-    def open(cls, directory: str | Path) -> Artifact:
-        return cls(directory)
-
     def __repr__(self) -> str:
         return f"Artifact({str(self.directory)!r}, {self.manifest.model.name!r}, {self.manifest.precision})"
 

@@ -122,14 +122,14 @@ def default_calibration(cfg: BenchmarkConfig, out: Path, notes: list[str]) -> di
 def load_image(entry: dict[str, Any], model_axes: str) -> np.ndarray:
     """One benchmark image (an :meth:`ImageEntry.spec`) as an in-memory (C, *spatial) array in the model's
     layout."""
-    from efficientbioai.infer.images import model_layout, split_batch
-    from efficientbioai.io import read_axes, read_image
+    from efficientbioai.infer.images import split_batch
+    from efficientbioai.io import lazy_model_layout, read_axes, read_image
 
     path = Path(entry["path"])
     axes = entry.get("axes") or read_axes(path)
     samples = split_batch(read_image(path), axes, str(path))
     sample_axes = axes.replace("b", "") if axes else None
-    image = model_layout(samples[entry.get("sample", 0)], sample_axes, model_axes, f"images: {path}")
+    image = lazy_model_layout(samples[entry.get("sample", 0)], sample_axes, model_axes, f"images: {path}")
     if not isinstance(image, np.ndarray):  # a lazily read array (zarr): read it whole
         image = image[(slice(None),) * image.ndim]
     return np.ascontiguousarray(np.asarray(image))

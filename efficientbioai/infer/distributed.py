@@ -172,10 +172,9 @@ def _worker_engine(job: BlockJob):
     return cache[key]
 
 
-def _worker_image(job: BlockJob, model_axes: str):
+def _worker_image(job: BlockJob, model_input):
     """The (C, *spatial) sample of the job's image, opened lazily and kept for the next blocks."""
-    from efficientbioai.infer.images import model_layout, split_batch
-    from efficientbioai.io import read_image
+    from efficientbioai.infer.images import open_samples
 
     cache = getattr(_LOCAL, "images", None)
     if cache is None:
@@ -183,10 +182,7 @@ def _worker_image(job: BlockJob, model_axes: str):
     key = (str(job.image), job.axes, job.sample)
     if key not in cache:
         cache.clear()  # one image at a time per thread: tasks of one image run together
-        raw = read_image(job.image)
-        samples = split_batch(raw, job.axes, str(job.image))
-        sample_axes = job.axes.replace("b", "") if job.axes else None
-        cache[key] = model_layout(samples[job.sample], sample_axes, model_axes, f"input: {job.image}")
+        cache[key] = open_samples(job.image, job.axes, model_input)[2][job.sample]
     return cache[key]
 
 
@@ -196,7 +192,7 @@ def run_block(job: BlockJob) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     _, predictor, manifest = _worker_engine(job)
-    image = _worker_image(job, manifest.input.axes)
+    image = _worker_image(job, manifest.input)
     array = zarr.open_array(store=str(job.store), path="0", mode="r+")
     merger = RegionMerger(
         job.plan.grid, predictor.out_channels, job.region, predictor.blend, job.layout.sink(array, job.sample)

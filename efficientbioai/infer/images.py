@@ -12,11 +12,6 @@ from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.io import expand_paths, lazy_model_layout, output_path, read_axes, read_image
 
 
-def model_layout(image, axes: str | None, model_axes: str, source: str):
-    """(C, *spatial) without loading lazily-read arrays (see :func:`~efficientbioai.io.lazy_model_layout`)."""
-    return lazy_model_layout(image, axes, model_axes, source)
-
-
 def split_batch(image, axes: str | None, source: str) -> list:
     """An image with a batch axis ('b' in the axes) as a list of samples, else ``[image]``."""
     if not axes or "b" not in axes:
@@ -36,7 +31,7 @@ def open_samples(path: Path, axes: str | None, model_input: InputSpec):
     axes = axes or read_axes(path)
     samples = split_batch(raw, axes, str(path))
     sample_axes = axes.replace("b", "") if axes else None
-    images = [model_layout(s, sample_axes, model_axes, f"input: {path}") for s in samples]
+    images = [lazy_model_layout(s, sample_axes, model_axes, f"input: {path}") for s in samples]
     for im in images:
         if im.shape[0] != model_input.channels:
             raise EfficientBioAIError(

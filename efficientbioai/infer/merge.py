@@ -6,8 +6,7 @@ and gets one value per channel, or :meth:`Merger.fill_constant` for a skipped ti
 overlaps: its region is that value exactly, written after normalising), and :meth:`Merger.finalize`
 returns the stitched result.
 
-- :class:`InMemoryMerger`: the whole (C, *spatial) float32 output in memory (plus a whole-image weight
-  map); ``finalize`` returns it.
+- :class:`InMemoryMerger`: the whole (C, *spatial) float32 output in memory; ``finalize`` returns it.
 - :class:`RegionMerger`: only the part of the output inside one region (a box of the image), e.g. one
   block of a Dask run; tiles are still placed on the image's global grid, so a region gives exactly the
   pixels the whole-image merger gives there.
@@ -16,8 +15,8 @@ returns the stitched result.
   zarr array on disk) as soon as no later tile can touch it. Tiles arrive in grid order, so at most
   ``slab + inner tile size`` planes of output are held in memory, whatever the size of the image.
 
-Every merger adds the same tile contributions in the same order and normalises with weights summed in
-the same order, so their results are identical to the bit.
+Every merger adds the same tile contributions in the same order and normalises with the same per-axis
+inverse weights (:func:`~efficientbioai.tiling.normalize`), so their results are identical to the bit.
 """
 
 from __future__ import annotations

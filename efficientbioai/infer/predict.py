@@ -113,7 +113,7 @@ class Predictor:
     ) -> Predictor:
         """The predictor ``infer`` uses for an artifact's ``engine`` with the ``tiling:`` settings.
 
-        ``manifest`` (:class:`~efficientbioai.artifact.Manifest`, e.g. ``Artifact.open(dir).manifest``)
+        ``manifest`` (:class:`~efficientbioai.artifact.Manifest`, e.g. ``Artifact(dir).manifest``)
         gives the network's axes, channels, valid tiles, halo and processing steps; ``tiling`` (default:
         the defaults of ``infer``'s ``tiling:`` section) the tile shape (default: the calibration tile),
         overlap, blending, batch size, background skipping and sample localisation.

@@ -6,7 +6,7 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -21,10 +21,6 @@ from efficientbioai.io.files import (
     remove_path,
 )
 from efficientbioai.io.write import create_zarr, zarr_chunks
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
 
 PROGRESS_FILE = "efficientbioai-progress.json"
 

@@ -14,13 +14,8 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from efficientbioai.errors import EfficientBioAIError
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
 

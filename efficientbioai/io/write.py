@@ -11,7 +11,7 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -26,9 +26,6 @@ from efficientbioai.io.files import (
     output_format,
     remove_path,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
 
 
 def write_image(
