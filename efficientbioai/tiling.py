@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,7 +128,9 @@ class TileGrid:
     @functools.cached_property
     def tiles(self) -> tuple[Tile, ...]:
         """Every tile, in grid order (built once per grid)."""
-        return tuple(self._tile(index, corner) for index, corner in enumerate(itertools.product(*self.starts)))
+        return tuple(
+            self._tile(index, corner) for index, corner in enumerate(itertools.product(*self.starts))
+        )
 
     @functools.cached_property
     def _inverse(self) -> dict[str, tuple[np.ndarray, ...]]:
@@ -175,6 +177,45 @@ class TileGrid:
             hits = np.moveaxis(np.tensordot(overlaps, hits, axes=([1], [d])), 0, d)
         return hits.reshape(-1) > 0
 
+    def overlap_boxes(self, run: Sequence[bool], tiles: Iterable[int]) -> dict[int, tuple[slice, ...]]:
+        """For each tile index in ``tiles``: the bounding box (image coordinates) of where its target
+        overlaps the targets of the tiles in ``run`` (a bool per tile, grid order); tiles that overlap no
+        run tile are left out. Outside that box, a skipped tile's target is covered by skipped tiles only."""
+        counts = [len(s) for s in self.starts]
+        run = np.asarray(run, bool)
+        near = []  # per axis and position: the positions whose targets overlap it
+        for starts, i, s in zip(self.starts, self.inner, self.image_shape, strict=True):
+            lo = np.asarray(starts)
+            hi = np.minimum(lo + i, s)
+            overlaps = (lo[:, None] < hi[None, :]) & (lo[None, :] < hi[:, None])
+            near.append([np.flatnonzero(row) for row in overlaps])
+        out = {}
+        for index in tiles:
+            position = np.unravel_index(index, counts)
+            target = self.tiles[index].target
+            box = None
+            for ks in itertools.product(*(near[d][k] for d, k in enumerate(position))):
+                if not run[np.ravel_multi_index(ks, counts)]:
+                    continue
+                part = [
+                    (max(t.start, c), min(t.stop, c + i, s))
+                    for t, c, i, s in zip(
+                        target,
+                        (self.starts[d][k] for d, k in enumerate(ks)),
+                        self.inner,
+                        self.image_shape,
+                        strict=True,
+                    )
+                ]
+                box = (
+                    part
+                    if box is None
+                    else [(min(a, c), max(b, d)) for (a, b), (c, d) in zip(box, part, strict=True)]
+                )
+            if box is not None:
+                out[int(index)] = tuple(slice(a, b) for a, b in box)
+        return out
+
     def tiles_in(self, region: Sequence[slice]) -> Iterator[Tile]:
         """The tiles whose inner output overlaps ``region`` (spatial slices), in grid order."""
         keep = [
@@ -205,6 +246,30 @@ class TileGrid:
             return None
         w = self._gaussian
         return w[tuple(slice(0, c.stop - c.start) for c in tile.crop)]
+
+
+def box_difference(outer: Sequence[slice], inner: Sequence[slice]) -> list[tuple[slice, ...]]:
+    """Disjoint boxes that together cover ``outer`` minus ``inner`` (``inner`` lies inside ``outer``)."""
+    parts, rest = [], list(outer)
+    for d, (o, i) in enumerate(zip(outer, inner, strict=True)):
+        if o.start < i.start:
+            parts.append((*rest[:d], slice(o.start, i.start), *rest[d + 1 :]))
+        if i.stop < o.stop:
+            parts.append((*rest[:d], slice(i.stop, o.stop), *rest[d + 1 :]))
+        rest[d] = slice(i.start, i.stop)
+    return parts
+
+
+def bounding(box: list[list[int]] | None, region: Sequence[slice]) -> list[list[int]]:
+    """``box`` ([[start, stop], ...], or None for empty) grown to hold ``region``."""
+    if box is None:
+        return [[r.start, r.stop] for r in region]
+    return [[min(b[0], r.start), max(b[1], r.stop)] for b, r in zip(box, region, strict=True)]
+
+
+def within(region: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]:
+    """``region`` (inside ``outer``) in ``outer``'s coordinates."""
+    return tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, outer, strict=True))
 
 
 WEIGHT_FLOOR = 1e-3  # per axis: every pixel keeps a positive weight (at least 1e-3 ** ndim)
@@ -256,7 +321,9 @@ class Blender:
 
     The per-pixel sum of weights depends only on the grid (every tile, run or skipped, is added with the
     same weights) and is separable (:func:`blend_weights`), so it is not accumulated per tile:
-    :func:`normalize` divides by it axis by axis.
+    :func:`normalize` divides by it axis by axis, and only inside the bounding box of what was added
+    (elsewhere the caller writes values itself, e.g. skipped tiles' fills; the sum there stays zero and its
+    memory untouched).
     """
 
     def __init__(self, grid: TileGrid, channels: int, mode: str = "gaussian"):
@@ -264,6 +331,7 @@ class Blender:
             raise ConfigError(f"tiling.blend: unknown mode '{mode}'", f"use one of {', '.join(BLEND_MODES)}")
         self.grid, self.mode = grid, mode
         self.sum = np.zeros((channels, *grid.image_shape), np.float32)
+        self.touched: list[list[int]] | None = None  # bounding box of everything added
 
     def add(self, tile: Tile, output: np.ndarray) -> None:
         """Add one network output tile (C, *tile), halo included: only its inner region is used.
@@ -275,18 +343,23 @@ class Blender:
         if w is not None:
             inner = np.multiply(inner, w, out=inner) if inner.flags.writeable else inner * w
         self.sum[(slice(None), *tile.target)] += inner
+        self.touched = bounding(self.touched, tile.target)
 
-    def add_constant(self, tile: Tile, value: np.ndarray) -> None:
-        """Add a tile whose output is ``value`` (one number per channel) everywhere."""
+    def add_constant(self, tile: Tile, value: np.ndarray, region: Sequence[slice] | None = None) -> None:
+        """Add a tile whose output is ``value`` (one number per channel) everywhere, inside ``region`` (a
+        box within the tile's target, image coordinates; default: the whole target)."""
+        region = tuple(region or tile.target)
+        part = within(region, tile.target)
         w = self.grid.weights(tile, self.mode)
-        shape = tuple(t.stop - t.start for t in tile.target)
-        w = np.ones(shape, np.float32) if w is None else w
-        self.sum[(slice(None), *tile.target)] += (
-            np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
-        )
+        shape = tuple(r.stop - r.start for r in region)
+        w = np.ones(shape, np.float32) if w is None else w[part]
+        self.sum[(slice(None), *region)] += np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
+        self.touched = bounding(self.touched, region)
 
     def result(self) -> np.ndarray:
-        normalize(self.sum, self.grid, self.mode)
+        if self.touched is not None:
+            box = tuple(slice(a, b) for a, b in self.touched)
+            normalize(self.sum[(slice(None), *box)], self.grid, self.mode, box)
         return self.sum
 
 

@@ -544,3 +544,21 @@ def test_infer_tensorrt_builds_plan_on_first_use(trt_artifact, tmp_path):  # pra
         any((trt_artifact / "tensorrt" / "plans").glob("*.plan"))
         or (trt_artifact / "tensorrt" / "model.plan").is_file()
     )
+
+
+def test_the_gpu_check_answers_without_torch_where_no_driver_exists():
+    """On a Linux machine with no NVIDIA driver, infer's default-backend check must not import torch (one
+    to two seconds of every run); where a driver may exist the answer is torch's. Runs in a fresh process,
+    since this test module has imported torch."""
+    import subprocess
+
+    from efficientbioai.engines.cuda import no_nvidia_driver
+
+    code = (
+        "import sys; from efficientbioai.engines.cuda import cuda_available; "
+        "print(cuda_available(), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    answer, imported = out.stdout.split()
+    assert answer == str(HAS_GPU)
+    assert imported == str(not no_nvidia_driver())  # torch imported only where a driver may exist

@@ -8,7 +8,7 @@ import pytest
 from efficientbioai.engines import Engine, OpenVINOEngine
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.predict import Predictor, split_pointwise
-from efficientbioai.tiling import TileGrid, blend_weights, check_tile_shape, round_up
+from efficientbioai.tiling import TileGrid, blend_weights, box_difference, check_tile_shape, round_up
 
 
 class Identity(Engine):
@@ -207,3 +207,41 @@ def test_a_pickled_grid_leaves_its_caches_behind():
     assert len(pickle.dumps(grid)) == small < 2000
     again = pickle.loads(pickle.dumps(grid))
     assert again == grid and again.tiles == grid.tiles
+
+
+@pytest.mark.parametrize(("shape", "tile"), [((45, 70), (16, 16)), ((21, 33, 40), (8, 12, 16))])
+def test_overlap_boxes_bound_exactly_where_run_tiles_overlap(shape, tile):
+    """Brute force on a painted coverage map: each skipped tile's box is the bounding box of the pixels of
+    its target that a run tile's target covers."""
+    grid = TileGrid.build(shape, tile, overlap=0.4)
+    run = np.zeros(len(grid), bool)
+    run[[1, len(grid) // 2]] = True  # two run tiles: some tiles overlap them, others do not
+    boxes = grid.overlap_boxes(run, range(len(grid)))
+    covered = np.zeros(shape, bool)
+    for t in np.flatnonzero(run):
+        covered[grid.tiles[t].target] = True
+    checked = 0
+    for t in grid.tiles:
+        inside = np.zeros(shape, bool)
+        inside[t.target] = True
+        hits = np.argwhere(inside & covered)
+        if not len(hits):
+            assert t.index not in boxes
+            continue
+        want = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(hits.min(0), hits.max(0), strict=True))
+        assert boxes[t.index] == want
+        checked += 1
+    assert 2 < checked < len(grid)
+
+
+def test_box_difference_covers_the_rest_once():
+    outer = (slice(2, 12), slice(0, 9), slice(5, 20))
+    inner = (slice(4, 7), slice(0, 9), slice(10, 11))
+    count = np.zeros((15, 10, 25), int)
+    for part in box_difference(outer, inner):
+        count[part] += 1
+    want = np.zeros_like(count)
+    want[outer] = 1
+    want[inner] = 0
+    np.testing.assert_array_equal(count, want)
+    assert box_difference(outer, outer) == []

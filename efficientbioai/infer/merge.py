@@ -1,10 +1,11 @@
 """Mergers: where blended tile outputs go (the whole image in memory, or a bounded band flushed to disk).
 
 A :class:`Merger` receives the network output of every tile of a :class:`~efficientbioai.tiling.TileGrid`
-in grid order (:meth:`Merger.aggregate`, or :meth:`Merger.aggregate_constant` for a tile that was skipped
-and gets one value per channel, or :meth:`Merger.fill_constant` for a skipped tile that no run tile
-overlaps: its region is that value exactly, written after normalising), and :meth:`Merger.finalize`
-returns the stitched result.
+in grid order (:meth:`Merger.aggregate`), or for a skipped tile, which gets one value per channel:
+:meth:`Merger.aggregate_constant` where run tiles overlap it (the value is blended with their outputs)
+and :meth:`Merger.fill_constant` where none does (the value exactly, written after normalising);
+:meth:`Merger.finalize` returns the stitched result. Only the bounding box of what was blended is
+normalised.
 
 - :class:`InMemoryMerger`: the whole (C, *spatial) float32 output in memory; ``finalize`` returns it.
 - :class:`RegionMerger`: only the part of the output inside one region (a box of the image), e.g. one
@@ -26,10 +27,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from efficientbioai.tiling import Blender, Tile, TileGrid, normalize
+from efficientbioai.tiling import Blender, Tile, TileGrid, bounding, normalize
 
 # sink(region, data): write data (C, *region shape) float32 at the region (spatial slices) of the output
 Sink = Callable[[tuple[slice, ...], np.ndarray], None]
+Box = Sequence[slice]  # spatial slices of the image
 
 
 class Merger(ABC):
@@ -46,13 +48,15 @@ class Merger(ABC):
         """Add one network output (C, *tile shape), halo included; ``output`` may be overwritten."""
 
     @abstractmethod
-    def aggregate_constant(self, tile: Tile, value: np.ndarray) -> None:
-        """Add a skipped tile whose output is ``value`` (one number per channel) everywhere."""
+    def aggregate_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
+        """Add a skipped tile whose output is ``value`` (one number per channel) everywhere, inside
+        ``region`` (a box within the tile's target, image coordinates; default: the whole target)."""
 
-    def fill_constant(self, tile: Tile, value: np.ndarray) -> None:
-        """A skipped tile that overlaps no run tile: its target is ``value`` exactly (no blending needed,
-        every tile there has the same value). Mergers write it after normalising; the default blends it."""
-        self.aggregate_constant(tile, value)
+    def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
+        """Part of a skipped tile (``region``, default its whole target) that no run tile overlaps: it is
+        ``value`` exactly (no blending needed, every tile there has the same value). Mergers write it after
+        normalising; the default blends it."""
+        self.aggregate_constant(tile, value, region)
 
     @abstractmethod
     def finalize(self) -> np.ndarray | None:
@@ -70,11 +74,11 @@ class InMemoryMerger(Merger):
     def aggregate(self, tile: Tile, output: np.ndarray) -> None:
         self._blender.add(tile, output)
 
-    def aggregate_constant(self, tile: Tile, value: np.ndarray) -> None:
-        self._blender.add_constant(tile, value)
+    def aggregate_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
+        self._blender.add_constant(tile, value, region)
 
-    def fill_constant(self, tile: Tile, value: np.ndarray) -> None:
-        self._fills.append((tile.target, value))
+    def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
+        self._fills.append((tuple(region or tile.target), value))
 
     def finalize(self) -> np.ndarray:
         out = self._blender.result()
@@ -123,12 +127,13 @@ class RegionMerger(Merger):
         self.origin = [r.start for r in self.region]
         self.sum = np.zeros((channels, *(r.stop - r.start for r in self.region)), np.float32)
         self._fills: list[tuple[tuple[slice, ...], np.ndarray]] = []
+        self._touched: list[list[int]] | None = None  # bounding box (region coordinates) of what was added
 
     def needs(self, tile: Tile) -> bool:
         return _intersection(tile.target, self.region) is not None
 
-    def _parts(self, tile: Tile):
-        part = _intersection(tile.target, self.region)
+    def _parts(self, tile: Tile, box: Box | None = None):
+        part = _intersection(tuple(box or tile.target), self.region)
         if part is None:
             return None
         return _shift(part, self.origin), _shift(part, [t.start for t in tile.target])
@@ -143,9 +148,10 @@ class RegionMerger(Merger):
         if w is not None:
             inner = inner * w[within]
         self.sum[(slice(None), *here)] += inner
+        self._touched = bounding(self._touched, here)
 
-    def aggregate_constant(self, tile: Tile, value: np.ndarray) -> None:
-        parts = self._parts(tile)
+    def aggregate_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
+        parts = self._parts(tile, region)
         if parts is None:
             return
         here, within = parts
@@ -153,14 +159,18 @@ class RegionMerger(Merger):
         shape = tuple(s.stop - s.start for s in within)
         w = np.ones(shape, np.float32) if w is None else w[within]
         self.sum[(slice(None), *here)] += np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
+        self._touched = bounding(self._touched, here)
 
-    def fill_constant(self, tile: Tile, value: np.ndarray) -> None:
-        parts = self._parts(tile)
+    def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
+        parts = self._parts(tile, region)
         if parts is not None:
             self._fills.append((parts[0], value))
 
     def finalize(self) -> np.ndarray | None:
-        normalize(self.sum, self.grid, self.blend, self.region)
+        if self._touched is not None:
+            box = tuple(slice(a, b) for a, b in self._touched)
+            image_box = tuple(slice(o + b.start, o + b.stop) for o, b in zip(self.origin, box, strict=True))
+            normalize(self.sum[(slice(None), *box)], self.grid, self.blend, image_box)
         _fill(self.sum, self._fills)
         result, self.sum = self.sum, None
         if self.sink is not None:
@@ -238,13 +248,13 @@ class BandMerger(Merger):
         for m in self._mergers(tile):
             m.aggregate(tile, output)
 
-    def aggregate_constant(self, tile: Tile, value: np.ndarray) -> None:
+    def aggregate_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
         for m in self._mergers(tile):
-            m.aggregate_constant(tile, value)
+            m.aggregate_constant(tile, value, region)
 
-    def fill_constant(self, tile: Tile, value: np.ndarray) -> None:
+    def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
         for m in self._mergers(tile):
-            m.fill_constant(tile, value)
+            m.fill_constant(tile, value, region)
 
     def finalize(self) -> None:
         for k in sorted(self.open):

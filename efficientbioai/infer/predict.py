@@ -26,6 +26,7 @@ from efficientbioai.processing import apply_steps, fix_statistics
 from efficientbioai.tiling import (
     Tile,
     TileGrid,
+    box_difference,
     check_tile_shape,
     estimate_background_threshold,
     tile_statistic,
@@ -278,12 +279,17 @@ class Predictor:
                     out = apply_steps(out, post_tile, self.axes)
                 yield from out
 
+        # a skipped tile that run tiles overlap is blended only where they do; the rest of it is the value
+        boxes = grid.overlap_boxes(~plan.skipped, [t.index for t, s in todo if s == 1])
         results = outputs()
         for t, skip in todo:  # grid order, skipped tiles included: every merger adds in the same order
             if skip == 2:
                 merger.fill_constant(t, plan.value)
             elif skip:
-                merger.aggregate_constant(t, plan.value)
+                box = boxes.get(t.index)
+                merger.aggregate_constant(t, plan.value, box)
+                for part in box_difference(t.target, box) if box is not None else ():
+                    merger.fill_constant(t, plan.value, part)
             else:
                 merger.aggregate(t, next(results))
             if progress is not None:
