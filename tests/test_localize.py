@@ -235,3 +235,30 @@ def test_otsu_matches_scikit_image():
     for k in range(4):
         x = np.concatenate([rng.normal(0.1, 0.02, 4000 * (k + 1)), rng.normal(0.6 + 0.1 * k, 0.1, 3000)])
         assert threshold_otsu(x) == pytest.approx(float(reference(x)), rel=1e-6)
+
+
+def test_out_of_core_output_leaves_background_chunks_unwritten(tmp_path):
+    """Out of core, a localised prediction's zarr store takes the background value as its fill value, so
+    chunks that hold only that value are never compressed nor written; read back, the output equals the
+    in-memory one to the bit."""
+    import zarr
+
+    from efficientbioai.infer.outofcore import output_layout, predict_to_output
+    from efficientbioai.io import ChunkedOutput
+
+    shape = (1, 40, 160, 200)
+    img = sparse(shape, (slice(None), slice(5, 35), slice(20, 70), slice(120, 190)), seed=4)
+    kw = {"axes": "bczyx", "out_channels": 1, "tile_shape": (16, 32, 32), "overlap": 0.25}
+    predictor = Predictor(engine=Blur(), localizer=SampleLocalizer(), **kw)
+    ref = predictor(img)
+    layout = output_layout(shape[1:], "bczyx", 1, 1, predictor.grid(shape[1:]).inner, 2**20)
+    out = ChunkedOutput(tmp_path / "pred.zarr", layout.shape, axes=layout.axes, chunks=(8, 32, 32))
+    (pred,) = predict_to_output(predictor, [img], out, layout)
+    assert pred.seconds > 0 and pred.skipped == ref.skipped
+    array = out.array
+    assert array.fill_value == ref.output[0][0, 0, 0]  # a background voxel: the skipped tiles' value
+    chunks = sum(1 for f in out.store.joinpath("0").rglob("*") if f.is_file() and not f.name.startswith("."))
+    total = int(np.prod([-(-n // c) for n, c in zip(array.shape, array.chunks, strict=True)]))
+    assert 0 < chunks < total / 2  # the sample's chunks only
+    out.commit()
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "pred.zarr", path="0")[:], ref.output[0])

@@ -227,7 +227,7 @@ def infer_distributed(
 
     from efficientbioai.infer.images import open_samples, read_target
     from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
-    from efficientbioai.infer.outofcore import fingerprint, output_layout
+    from efficientbioai.infer.outofcore import fill_value, fingerprint, output_layout
     from efficientbioai.infer.predict import split_pointwise
     from efficientbioai.infer.results import ImageRecord, RunRecord, score
     from efficientbioai.io import ChunkedOutput, read_image, read_pixel_size
@@ -276,8 +276,9 @@ def infer_distributed(
         )
         regions = blocks(spatial, block)
         n_jobs = 0
-        for i, im in enumerate(images):
-            plan = predictor.plan(im)  # small: sent to every task of this sample
+        plans = [predictor.plan(im) for im in images]  # small: sent to every task of its sample
+        out.create(fill_value(plans))  # before any task opens the store
+        for i, plan in enumerate(plans):
             done = out.done(i)
             for b, region in enumerate(regions):
                 if b in done:
@@ -306,7 +307,7 @@ def infer_distributed(
             "layout": layout,
             "regions": regions,
         }
-        skipped = int(plan.skipped.sum()) * len(images)
+        skipped = sum(int(p.skipped.sum()) for p in plans)
         log(
             f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}: {n_jobs} block(s) of {list(block)}"
             + (f" ({len(regions) * len(images) - n_jobs} already written)" if out.resumed else "")

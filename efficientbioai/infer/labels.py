@@ -201,6 +201,7 @@ def write_labels_blockwise(
         fingerprint=out.fingerprint + "-labels",
         pixel_size=out.metadata.get("pixel_size"),
     )
+    labels.create()  # the blocks' tasks open it by path
     label_blocks(
         out.store,
         labels.store,

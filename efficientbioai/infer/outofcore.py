@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from efficientbioai.errors import ConfigError
 from efficientbioai.infer.merge import BandMerger, Sink, choose_slab
-from efficientbioai.infer.predict import Prediction, Predictor, split_pointwise
+from efficientbioai.infer.predict import Plan, Prediction, Predictor, split_pointwise
 from efficientbioai.io import ChunkedOutput
 
 # float32 outputs larger than band_memory_mb × this factor go out of core when out_of_core is auto
@@ -136,6 +137,15 @@ def fingerprint(input_path: Path, artifact: Path, predictor: Predictor, extra: A
     return json.dumps(key, sort_keys=True, default=str)
 
 
+def fill_value(plans: Sequence[Plan]) -> float:
+    """The value a prediction's unwritten chunks may hold: skipped tiles' value when every plan has the
+    same one for every channel (their chunks are then not written at all), else 0."""
+    values = {float(v) for p in plans if p.value is not None for v in np.ravel(p.value)}
+    if len(values) == 1 and all(p.value is not None for p in plans):
+        return values.pop()
+    return 0.0
+
+
 def predict_to_output(
     predictor: Predictor,
     images: Sequence[Any],
@@ -144,11 +154,18 @@ def predict_to_output(
     progress: Any = None,
 ) -> list[Prediction]:
     """Predict each (C, *spatial) sample into ``output`` slab by slab, skipping slabs already recorded
-    there (a resumed run). Does not commit the output."""
+    there (a resumed run). Does not commit the output. Each prediction's seconds include its plan (the
+    background statistics and sample localisation); the plans come first, for the output's fill value."""
+    plans, seconds = [], []
+    for image in images:
+        t0 = time.perf_counter()
+        plans.append(predictor.plan(image))
+        seconds.append(time.perf_counter() - t0)
+    output.create(fill_value(plans))
     preds = []
-    for i, image in enumerate(images):
+    for i, (image, plan) in enumerate(zip(images, plans, strict=True)):
         merger = BandMerger(
-            predictor.grid(tuple(image.shape[1:])),
+            plan.grid,
             predictor.out_channels,
             layout.sink(output.array, i),
             layout.slab,
@@ -156,5 +173,7 @@ def predict_to_output(
             done=output.done(i),
             on_slab=lambda k, i=i: output.mark(i, k),
         )
-        preds.append(predictor(image, progress=progress, merger=merger))
+        pred = predictor(image, progress=progress, merger=merger, plan=plan)
+        pred.seconds += seconds[i]
+        preds.append(pred)
     return preds

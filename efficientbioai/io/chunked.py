@@ -85,30 +85,46 @@ class ChunkedOutput:
         self.store = self.path.with_name(f".{self.path.name[:200]}.partial-{token}")
         self._progress_path = self.store / PROGRESS_FILE
         self._done: dict[str, list[int]] = {}
+        self._array = None
         self.resumed = False
         if self.store.is_dir() and self._progress_path.is_file():
             try:
                 record = json.loads(self._progress_path.read_text())
                 import zarr
 
-                self.array = zarr.open_array(store=str(self.store), path="0", mode="r+")
-                if record.get("fingerprint") == token and tuple(self.array.shape) == self.shape:
+                self._array = zarr.open_array(store=str(self.store), path="0", mode="r+")
+                if record.get("fingerprint") == token and tuple(self._array.shape) == self.shape:
                     self._done = {str(k): list(v) for k, v in record.get("done", {}).items()}
                     self.resumed = True
             except Exception:  # unreadable leftovers: start again
                 self.resumed = False
+        self.dtype = np.dtype(dtype)
         if not self.resumed:
-            remove_path(self.store)
-            self.array = create_zarr(
+            remove_path(self.store)  # leftovers of another run; the new store is made on first use
+            self._array = None
+
+    @property
+    def array(self):
+        """The zarr array being written (created on first use: see :meth:`create`)."""
+        return self.create()
+
+    def create(self, fill_value: float = 0.0):
+        """The zarr array, created now if this run did not resume one. ``fill_value`` is what chunks that
+        are never written hold: zarr skips writing a chunk that equals it (e.g. the background value of
+        skipped tiles). A resumed store keeps its own (its unwritten chunks already mean that)."""
+        if self._array is None:
+            self._array = create_zarr(
                 self.store,
                 self.shape,
-                np.dtype(dtype),
+                self.dtype,
                 self.axes,
                 self.chunks,
                 name_stem(self.path.name),
                 self.metadata.get("pixel_size"),
+                fill_value=fill_value,
             )
             self._save()
+        return self._array
 
     def finished_count(self) -> int:
         """How many units (slabs, blocks) are recorded as written, over all keys."""

@@ -164,8 +164,10 @@ def create_zarr(
     chunks: tuple[int, ...] | None,
     name: str,
     pixel_size: dict | None = None,
+    fill_value: float = 0.0,
 ):
-    """An empty OME-Zarr 0.4 image (zarr v2 format) at ``tmp``; returns its full-resolution array."""
+    """An empty OME-Zarr 0.4 image (zarr v2 format) at ``tmp``; returns its full-resolution array.
+    Chunks never written, or written equal to ``fill_value`` (zarr then skips them), read as it."""
     import zarr
     from numcodecs import Blosc
 
@@ -180,6 +182,7 @@ def create_zarr(
         shape=tuple(shape),
         chunks=chunks,
         dtype=dtype,
+        fill_value=fill_value,
         compressor=Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE),
         dimension_separator="/",
         **fmt,
