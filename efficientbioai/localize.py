@@ -126,14 +126,37 @@ def downsample(
             if has_channels:
                 x = x[0] if channels == 1 else x.mean(axis=0, dtype=np.float32)
             for axis, f in enumerate(factor):
-                n = x.shape[axis]
-                idx = np.arange(0, n, f)
-                counts = (np.minimum(idx + f, n) - idx).astype(np.float32)
-                shape = [1] * x.ndim
-                shape[axis] = len(idx)
-                x = np.add.reduceat(x, idx, axis=axis) / counts.reshape(shape)
+                x = block_mean(x, axis, f)
             out[i0 // f0 : i0 // f0 + x.shape[0], j0 // f1 : j0 // f1 + x.shape[1]] = x
     return out
+
+
+def block_mean(x: np.ndarray, axis: int, f: int) -> np.ndarray:
+    """Means of blocks of ``f`` along ``axis`` (float32; a shorter last block is the mean of what it holds).
+
+    Summed as ``f`` strided slices: whole-array vector additions, several times faster than
+    ``np.add.reduceat`` on large blocks.
+    """
+    if f == 1:
+        return np.asarray(x, np.float32)
+    n = x.shape[axis]
+    full = n // f * f
+
+    def part(start: int, stop: int, step: int = 1) -> np.ndarray:
+        index = [slice(None)] * x.ndim
+        index[axis] = slice(start, stop, step)
+        return x[tuple(index)]
+
+    pieces = []
+    if full:
+        total = part(0, full, f).astype(np.float32)
+        for k in range(1, f):
+            total += part(k, full, f)
+        total *= np.float32(1 / f)
+        pieces.append(total)
+    if full < n:
+        pieces.append(part(full, n).mean(axis=axis, keepdims=True, dtype=np.float32))
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=axis)
 
 
 def localize(
@@ -347,6 +370,7 @@ __all__ = [
     "SampleLocalizer",
     "Selection",
     "auto_factor",
+    "block_mean",
     "block_sizes",
     "downsample",
     "localize",

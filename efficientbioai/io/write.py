@@ -1,8 +1,14 @@
 """Writing whole images atomically (:func:`write_image`): TIFF / OME-TIFF, NumPy, zarr / OME-Zarr.
 
 Zarr output is written in the zarr **v2** format as an OME-Zarr 0.4 image (a group holding the
-full-resolution array at path ``"0"``, Blosc/zstd compressed, ``/`` chunk separator): v2 is the format
-that both zarr-python 2 and 3 (the project allows ``zarr>=2.16``) and the common OME-Zarr viewers read.
+full-resolution array at path ``"0"``, Blosc/lz4 compressed with bit shuffling, ``/`` chunk separator):
+v2 is the format that both zarr-python 2 and 3 (the project allows ``zarr>=2.16``) and the common OME-Zarr
+viewers read.
+
+Why lz4 with bit shuffling: the low mantissa bits of a network's float32 output are noise, so no codec
+shrinks it much. Measured on a 16×2048×2048 denoiser output (chunks 16×256×256, 2-core EPYC): zstd level 5
+with byte shuffling took 2.3 s for a ratio of 1.16, lz4 with bit shuffling 0.2 s for 1.12; writing would
+otherwise cost more than the network.
 """
 
 from __future__ import annotations
@@ -183,7 +189,7 @@ def create_zarr(
         chunks=chunks,
         dtype=dtype,
         fill_value=fill_value,
-        compressor=Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE),
+        compressor=Blosc(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE),
         dimension_separator="/",
         **fmt,
     )
