@@ -108,6 +108,12 @@ class TilingConfig(StrictConfig):
         description="out of core: memory for the band of output held while blending; sets how many planes "
         "(along the slowest axis) a written chunk holds",
     )
+    read_cache_mb: float = Field(
+        256,
+        ge=0,
+        description="zarr / OME-Zarr inputs: memory for decoded input chunks kept for the next tiles "
+        "(overlapping tiles share chunks; without it each tile decodes every chunk it touches again); 0: off",
+    )
 
     @field_validator("out_of_core", mode="before")
     @classmethod

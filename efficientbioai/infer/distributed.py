@@ -174,7 +174,7 @@ def _worker_engine(job: BlockJob):
 
 def _worker_image(job: BlockJob, model_input):
     """The (C, *spatial) sample of the job's image, opened lazily and kept for the next blocks."""
-    from efficientbioai.infer.images import open_samples
+    from efficientbioai.infer.images import open_samples, read_cache_bytes
 
     cache = getattr(_LOCAL, "images", None)
     if cache is None:
@@ -182,7 +182,7 @@ def _worker_image(job: BlockJob, model_input):
     key = (str(job.image), job.axes, job.sample)
     if key not in cache:
         cache.clear()  # one image at a time per thread: tasks of one image run together
-        cache[key] = open_samples(job.image, job.axes, model_input)[2][job.sample]
+        cache[key] = open_samples(job.image, job.axes, model_input, read_cache_bytes(job.cfg))[2][job.sample]
     return cache[key]
 
 
@@ -225,7 +225,7 @@ def infer_distributed(
     """Every block of every image as one Dask task stream (see :mod:`efficientbioai.infer.distributed`)."""
     from dask.distributed import as_completed
 
-    from efficientbioai.infer.images import open_samples, read_target
+    from efficientbioai.infer.images import open_samples, read_cache_bytes, read_target
     from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
     from efficientbioai.infer.outofcore import fill_value, fingerprint, output_layout
     from efficientbioai.infer.predict import split_pointwise
@@ -245,7 +245,7 @@ def infer_distributed(
     pending: dict[int, dict[str, Any]] = {}  # image number → its output, blocks and record
     jobs: list[tuple[int, tuple[int, int], BlockJob]] = []
     for k, (path, opath) in enumerate(zip(files, out_paths, strict=True)):
-        raw, axes, images = open_samples(path, cfg.axes, manifest.input)
+        raw, axes, images = open_samples(path, cfg.axes, manifest.input, read_cache_bytes(cfg))
         spatial = tuple(images[0].shape[1:])
         voxels = int(np.prod(spatial)) * len(images)
         record = ImageRecord(path, opath, tuple(raw.shape), "done")

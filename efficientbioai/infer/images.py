@@ -10,6 +10,7 @@ from efficientbioai.artifact import InputSpec
 from efficientbioai.config import InferConfig
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.io import expand_paths, lazy_model_layout, output_path, read_axes, read_image
+from efficientbioai.io.cache import cached
 
 
 def split_batch(image, axes: str | None, source: str) -> list:
@@ -20,14 +21,16 @@ def split_batch(image, axes: str | None, source: str) -> list:
     return [np.take(arr, i, axis=axes.index("b")) for i in range(arr.shape[axes.index("b")])]
 
 
-def open_samples(path: Path, axes: str | None, model_input: InputSpec):
+def open_samples(path: Path, axes: str | None, model_input: InputSpec, cache_bytes: int = 0):
     """(raw array, axes, [(C, *spatial) samples]) of one input, read lazily where possible.
 
     ``axes``: the input's axes as configured (``None``: read from the file's metadata, else inferred);
-    ``model_input``: the network's input (axes and channels) from the artifact's manifest.
+    ``model_input``: the network's input (axes and channels) from the artifact's manifest;
+    ``cache_bytes``: a zarr input is read through a :class:`~efficientbioai.io.cache.ChunkCache` of
+    this many bytes of decoded chunks (0: none).
     """
     model_axes = model_input.axes
-    raw = read_image(path)
+    raw = cached(read_image(path), cache_bytes)
     axes = axes or read_axes(path)
     samples = split_batch(raw, axes, str(path))
     sample_axes = axes.replace("b", "") if axes else None
@@ -40,6 +43,11 @@ def open_samples(path: Path, axes: str | None, model_input: InputSpec):
                 "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
             )
     return raw, axes, images
+
+
+def read_cache_bytes(cfg: InferConfig) -> int:
+    """``tiling.read_cache_mb`` in bytes."""
+    return int(cfg.tiling.read_cache_mb * 2**20)
 
 
 def target_files(cfg: InferConfig, n: int, what: str = "target") -> list[Path | None]:

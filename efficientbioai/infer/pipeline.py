@@ -23,7 +23,14 @@ from efficientbioai.energy import EnergyMeter
 from efficientbioai.engines import Engine, default_threads
 from efficientbioai.errors import ConfigError
 from efficientbioai.infer.distributed import blocks, infer_distributed
-from efficientbioai.infer.images import labels_path, open_samples, output_paths, read_target, target_files
+from efficientbioai.infer.images import (
+    labels_path,
+    open_samples,
+    output_paths,
+    read_cache_bytes,
+    read_target,
+    target_files,
+)
 from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
 from efficientbioai.infer.outofcore import fingerprint, output_layout, predict_to_output, use_out_of_core
 from efficientbioai.infer.predict import Prediction, Predictor
@@ -103,7 +110,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         return InferResult(records, task, threads)
     try:
         for k, (path, tpath, opath) in enumerate(zip(files, targets, out_paths, strict=True)):
-            raw, _, images = open_samples(path, cfg.axes, manifest.input)
+            raw, _, images = open_samples(path, cfg.axes, manifest.input, read_cache_bytes(cfg))
             spatial = tuple(images[0].shape[1:])
             voxels = int(np.prod(spatial)) * len(images)
             record = ImageRecord(path, opath, tuple(raw.shape), "done")

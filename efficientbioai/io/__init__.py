@@ -3,11 +3,13 @@
 - :mod:`~efficientbioai.io.read`: TIFF / OME-TIFF / ImageJ TIFF, NumPy and zarr / OME-Zarr, lazily; axes
   and pixel sizes.
 - :mod:`~efficientbioai.io.layout`: an image as (C, *spatial) in the network's layout, lazily.
+- :mod:`~efficientbioai.io.cache`: a cache of decoded chunks for tiles read from zarr inputs.
 - :mod:`~efficientbioai.io.write`: whole images, atomically (a temporary sibling renamed into place).
 - :mod:`~efficientbioai.io.chunked`: outputs written piece by piece, resumable (out-of-core, Dask).
 - :mod:`~efficientbioai.io.files`: suffixes, output names, atomic replacement, leftovers of killed runs.
 """
 
+from efficientbioai.io.cache import ChunkCache, cached
 from efficientbioai.io.chunked import PROGRESS_FILE, ChunkedOutput
 from efficientbioai.io.files import (
     IMAGE_SUFFIXES,
@@ -25,8 +27,10 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "PROGRESS_FILE",
     "ZARR_METADATA",
+    "ChunkCache",
     "ChunkedOutput",
     "LazyLayout",
+    "cached",
     "create_zarr",
     "expand_paths",
     "is_zarr_store",
