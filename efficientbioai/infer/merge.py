@@ -11,10 +11,10 @@ normalised.
 - :class:`RegionMerger`: only the part of the output inside one region (a box of the image), e.g. one
   block of a Dask run; tiles are still placed on the image's global grid, so a region gives exactly the
   pixels the whole-image merger gives there.
-- :class:`BandMerger`: out-of-core. The output is cut into slabs along the slowest spatial axis; a slab is
-  a :class:`RegionMerger` that is opened when the first tile reaches it and written to a ``sink`` (e.g. a
-  zarr array on disk) as soon as no later tile can touch it. Tiles arrive in grid order, so at most
-  ``slab + inner tile size`` planes of output are held in memory, whatever the size of the image.
+- :class:`BandMerger`: out-of-core. The output is cut into slabs along the slowest spatial axis, blended in
+  a ring buffer of planes and written to a ``sink`` (e.g. a zarr array on disk) as soon as no later tile
+  can touch them. Tiles arrive in grid order, so at most ``slab - 1 + inner tile size`` planes (rounded up
+  to whole slabs) of output are held in memory, whatever the size of the image.
 
 Every merger adds the same tile contributions in the same order and normalises with the same per-axis
 inverse weights (:func:`~efficientbioai.tiling.normalize`), so their results are identical to the bit.
@@ -183,9 +183,16 @@ class BandMerger(Merger):
     """Out-of-core blending: slabs of ``slab`` planes along the first spatial axis, each written to
     ``sink`` as soon as it is complete (see the module docstring).
 
+    The band is one ring buffer of ``ring`` planes (a multiple of ``slab``, at least ``slab - 1`` + the
+    tile's inner depth): plane ``z`` of the image lives at ``z mod ring``. Tiles arrive in grid order, so
+    the planes still open always fit in the ring, and a tile is added with one or two array operations
+    whatever the slab thickness (a thin slab, e.g. one plane of 2048 × 2048 under a 32-plane tile, no longer
+    means one operation per plane). A written slab's planes are zeroed and reused.
+
     ``done`` slabs (e.g. written by an interrupted run) are neither computed nor written again: tiles
     that only touch them are not needed. ``on_slab(k)`` is called after slab ``k`` was written (to record
-    progress). Peak memory is about ``channels × (slab + inner tile size) × plane × 4`` bytes.
+    progress). ``sink`` gets a view of the ring, valid during the call. Peak memory is about ``channels ×
+    ring × plane × 4`` bytes.
     """
 
     def __init__(
@@ -203,13 +210,16 @@ class BandMerger(Merger):
         self.n_slabs = -(-grid.image_shape[0] // self.slab)
         self.done = set(int(k) for k in done)
         self.on_slab = on_slab
-        self.open: dict[int, RegionMerger] = {}
         self.written: list[int] = []
-
-    def slab_region(self, k: int) -> tuple[slice, ...]:
-        lo = k * self.slab
-        first = slice(lo, min(lo + self.slab, self.grid.image_shape[0]))
-        return (first, *(slice(0, s) for s in self.grid.image_shape[1:]))
+        depth = grid.inner[0]  # the deepest a tile's target reaches along the first axis
+        self.ring = min(self.slab * -(-(self.slab - 1 + depth) // self.slab), self.n_slabs * self.slab)
+        self._buffer: np.ndarray | None = None  # (C, ring, *rest), allocated on first use
+        rest = len(grid.image_shape) - 1
+        big = np.iinfo(np.int64).max
+        self._lo = np.full((self.ring, rest), big, np.int64)  # per ring plane: box of what was blended
+        self._hi = np.zeros((self.ring, rest), np.int64)
+        self._fills: list[tuple[tuple[slice, ...], np.ndarray]] = []
+        self._open: set[int] = set()  # slabs that received something and are not written yet
 
     def _slabs(self, tile: Tile) -> range:
         t = tile.target[0]
@@ -218,50 +228,101 @@ class BandMerger(Merger):
     def needs(self, tile: Tile) -> bool:
         return any(k not in self.done for k in self._slabs(tile))
 
-    def _flush_before(self, position: int) -> None:
-        """Write every open slab that ends at or before ``position`` along the first axis."""
-        for k in sorted(self.open):
+    def _ring_parts(self, first: slice) -> list[tuple[slice, slice]]:
+        """(ring planes, planes of the box) for a range of image planes: one part, or two at the wrap."""
+        a, n = first.start % self.ring, first.stop - first.start
+        if a + n <= self.ring:
+            return [(slice(a, a + n), slice(0, n))]
+        head = self.ring - a
+        return [(slice(a, self.ring), slice(0, head)), (slice(0, n - head), slice(head, n))]
+
+    def _add(self, box: tuple[slice, ...], data: np.ndarray) -> None:
+        """Add (C, *box shape) ``data`` at the image ``box``."""
+        if self._buffer is None:
+            self._buffer = np.zeros((self.channels, self.ring, *self.grid.image_shape[1:]), np.float32)
+        rest = box[1:]
+        for ring, part in self._ring_parts(box[0]):
+            self._buffer[(slice(None), ring, *rest)] += data[:, part]
+            np.minimum(self._lo[ring], [r.start for r in rest], out=self._lo[ring])
+            np.maximum(self._hi[ring], [r.stop for r in rest], out=self._hi[ring])
+        self._open.update(range(box[0].start // self.slab, (box[0].stop - 1) // self.slab + 1))
+
+    def _before(self, tile: Tile) -> None:
+        """Write every open slab that ends at or before the tile (nothing earlier is touched again)."""
+        position = tile.target[0].start
+        for k in sorted(self._open):
             if (k + 1) * self.slab <= position:
-                self._write(k)
+                self._flush(k)
 
-    def _write(self, k: int) -> None:
-        self.open.pop(k).finalize()
-        self.done.add(k)
-        self.written.append(k)
-        if self.on_slab is not None:
-            self.on_slab(k)
-
-    def _mergers(self, tile: Tile) -> list[RegionMerger]:
-        self._flush_before(tile.target[0].start)  # tiles come in grid order: nothing earlier is touched
-        out = []
-        for k in self._slabs(tile):
-            if k in self.done:
-                continue
-            if k not in self.open:
-                self.open[k] = RegionMerger(
-                    self.grid, self.channels, self.slab_region(k), self.blend, sink=self.sink
+    def _flush(self, k: int) -> None:
+        lo = k * self.slab
+        hi = min(lo + self.slab, self.grid.image_shape[0])
+        planes = slice(lo % self.ring, lo % self.ring + hi - lo)
+        view = self._buffer[:, planes]
+        if k not in self.done:
+            touched = np.flatnonzero((self._hi[planes] > self._lo[planes]).all(axis=1))
+            if len(touched):
+                rest = [
+                    slice(int(a), int(b))
+                    for a, b in zip(
+                        self._lo[planes][touched].min(axis=0),
+                        self._hi[planes][touched].max(axis=0),
+                        strict=True,
+                    )
+                ]
+                first = slice(int(touched[0]), int(touched[-1]) + 1)
+                normalize(
+                    view[(slice(None), first, *rest)],
+                    self.grid,
+                    self.blend,
+                    (slice(lo + first.start, lo + first.stop), *rest),
                 )
-            out.append(self.open[k])
-        return out
+            region = (slice(lo, hi), *(slice(0, n) for n in self.grid.image_shape[1:]))
+            fills = [(_intersection(box, region), value) for box, value in self._fills]
+            _fill(view, [(_shift(box, [r.start for r in region]), v) for box, v in fills if box is not None])
+            self.sink(region, view)
+            self.done.add(k)
+            self.written.append(k)
+            if self.on_slab is not None:
+                self.on_slab(k)
+        view[...] = 0
+        self._lo[planes] = np.iinfo(np.int64).max
+        self._hi[planes] = 0
+        self._fills = [(box, v) for box, v in self._fills if box[0].stop > hi]
+        self._open.discard(k)
 
     def aggregate(self, tile: Tile, output: np.ndarray) -> None:
-        for m in self._mergers(tile):
-            m.aggregate(tile, output)
+        self._before(tile)
+        inner = output[(slice(None), *tile.crop)]
+        w = self.grid.weights(tile, self.blend)
+        if w is not None:
+            inner = np.multiply(inner, w, out=inner) if inner.flags.writeable else inner * w
+        self._add(tile.target, inner)
 
     def aggregate_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
-        for m in self._mergers(tile):
-            m.aggregate_constant(tile, value, region)
+        self._before(tile)
+        box = tuple(region or tile.target)
+        part = _shift(box, [t.start for t in tile.target])
+        w = self.grid.weights(tile, self.blend)
+        shape = tuple(b.stop - b.start for b in box)
+        w = np.ones(shape, np.float32) if w is None else w[part]
+        self._add(box, np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w)
 
     def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
-        for m in self._mergers(tile):
-            m.fill_constant(tile, value, region)
+        self._before(tile)
+        box = tuple(region or tile.target)
+        self._fills.append((box, value))
+        if self._buffer is None:
+            self._buffer = np.zeros((self.channels, self.ring, *self.grid.image_shape[1:]), np.float32)
+        self._open.update(range(box[0].start // self.slab, (box[0].stop - 1) // self.slab + 1))
 
     def finalize(self) -> None:
-        for k in sorted(self.open):
-            self._write(k)
+        for k in sorted(self._open):
+            self._flush(k)
         missing = [k for k in range(self.n_slabs) if k not in self.done]
         if missing:  # cannot happen for a grid that covers its image; a guard against silent holes
             raise RuntimeError(f"slabs {missing} received no tile")
+        self._buffer = None
         return None
 
 
