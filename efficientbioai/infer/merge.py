@@ -78,7 +78,7 @@ class InMemoryMerger(Merger):
         self._blender.add_constant(tile, value, region)
 
     def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
-        self._fills.append((tuple(region or tile.target), value))
+        _add_fill(self._fills, tuple(region or tile.target), value)
 
     def finalize(self) -> np.ndarray:
         out = self._blender.result()
@@ -91,6 +91,21 @@ def _fill(out: np.ndarray, fills: Sequence[tuple[tuple[slice, ...], np.ndarray]]
     for region, value in fills:
         view = out[(slice(None), *region)]
         view[...] = np.asarray(value, np.float32).reshape(-1, *[1] * (view.ndim - 1))
+
+
+def _add_fill(fills: list, box: tuple[slice, ...], value: np.ndarray) -> None:
+    """Record a fill; one that continues the previous one along the last axis (the next skipped tile of
+    a row, same value) extends it instead, so a row of skipped tiles is one box, not one per tile."""
+    if fills:
+        last, v = fills[-1]
+        if (
+            (v is value or np.array_equal(v, value))
+            and last[:-1] == box[:-1]
+            and last[-1].start <= box[-1].start <= last[-1].stop
+        ):
+            fills[-1] = ((*last[:-1], slice(last[-1].start, max(last[-1].stop, box[-1].stop))), v)
+            return
+    fills.append((box, value))
 
 
 def _intersection(target: tuple[slice, ...], region: tuple[slice, ...]) -> tuple[slice, ...] | None:
@@ -164,7 +179,7 @@ class RegionMerger(Merger):
     def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
         parts = self._parts(tile, region)
         if parts is not None:
-            self._fills.append((parts[0], value))
+            _add_fill(self._fills, parts[0], value)
 
     def finalize(self) -> np.ndarray | None:
         if self._touched is not None:
@@ -311,7 +326,7 @@ class BandMerger(Merger):
     def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
         self._before(tile)
         box = tuple(region or tile.target)
-        self._fills.append((box, value))
+        _add_fill(self._fills, box, value)
         if self._buffer is None:
             self._buffer = np.zeros((self.channels, self.ring, *self.grid.image_shape[1:]), np.float32)
         self._open.update(range(box[0].start // self.slab, (box[0].stop - 1) // self.slab + 1))
