@@ -272,6 +272,15 @@ def within(region: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]
     return tuple(slice(r.start - o.start, r.stop - o.start) for r, o in zip(region, outer, strict=True))
 
 
+def constant_output(grid: TileGrid, tile: Tile, value, region: Sequence[slice], mode: str) -> np.ndarray:
+    """The weighted output (C, *region shape) of a tile whose output is ``value`` (one number per
+    channel) everywhere, inside ``region`` (a box within its target, image coordinates)."""
+    w = grid.weights(tile, mode)
+    shape = tuple(r.stop - r.start for r in region)
+    w = np.ones(shape, np.float32) if w is None else w[within(region, tile.target)]
+    return np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
+
+
 WEIGHT_FLOOR = 1e-3  # per axis: every pixel keeps a positive weight (at least 1e-3 ** ndim)
 
 
@@ -349,11 +358,7 @@ class Blender:
         """Add a tile whose output is ``value`` (one number per channel) everywhere, inside ``region`` (a
         box within the tile's target, image coordinates; default: the whole target)."""
         region = tuple(region or tile.target)
-        part = within(region, tile.target)
-        w = self.grid.weights(tile, self.mode)
-        shape = tuple(r.stop - r.start for r in region)
-        w = np.ones(shape, np.float32) if w is None else w[part]
-        self.sum[(slice(None), *region)] += np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
+        self.sum[(slice(None), *region)] += constant_output(self.grid, tile, value, region, self.mode)
         self.touched = bounding(self.touched, region)
 
     def result(self) -> np.ndarray:

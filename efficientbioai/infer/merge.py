@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from efficientbioai.tiling import Blender, Tile, TileGrid, bounding, normalize
+from efficientbioai.tiling import Blender, Tile, TileGrid, bounding, constant_output, normalize
 
 # sink(region, data): write data (C, *region shape) float32 at the region (spatial slices) of the output
 Sink = Callable[[tuple[slice, ...], np.ndarray], None]
@@ -166,14 +166,11 @@ class RegionMerger(Merger):
         self._touched = bounding(self._touched, here)
 
     def aggregate_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
-        parts = self._parts(tile, region)
-        if parts is None:
+        box = _intersection(tuple(region or tile.target), self.region)
+        if box is None:
             return
-        here, within = parts
-        w = self.grid.weights(tile, self.blend)
-        shape = tuple(s.stop - s.start for s in within)
-        w = np.ones(shape, np.float32) if w is None else w[within]
-        self.sum[(slice(None), *here)] += np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w
+        here = _shift(box, self.origin)
+        self.sum[(slice(None), *here)] += constant_output(self.grid, tile, value, box, self.blend)
         self._touched = bounding(self._touched, here)
 
     def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
@@ -253,13 +250,17 @@ class BandMerger(Merger):
 
     def _add(self, box: tuple[slice, ...], data: np.ndarray) -> None:
         """Add (C, *box shape) ``data`` at the image ``box``."""
-        if self._buffer is None:
-            self._buffer = np.zeros((self.channels, self.ring, *self.grid.image_shape[1:]), np.float32)
+        self._opened(box)
         rest = box[1:]
         for ring, part in self._ring_parts(box[0]):
             self._buffer[(slice(None), ring, *rest)] += data[:, part]
             np.minimum(self._lo[ring], [r.start for r in rest], out=self._lo[ring])
             np.maximum(self._hi[ring], [r.stop for r in rest], out=self._hi[ring])
+
+    def _opened(self, box: tuple[slice, ...]) -> None:
+        """The slabs under ``box`` hold something now (the ring is allocated on first use)."""
+        if self._buffer is None:
+            self._buffer = np.zeros((self.channels, self.ring, *self.grid.image_shape[1:]), np.float32)
         self._open.update(range(box[0].start // self.slab, (box[0].stop - 1) // self.slab + 1))
 
     def _before(self, tile: Tile) -> None:
@@ -317,19 +318,13 @@ class BandMerger(Merger):
     def aggregate_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
         self._before(tile)
         box = tuple(region or tile.target)
-        part = _shift(box, [t.start for t in tile.target])
-        w = self.grid.weights(tile, self.blend)
-        shape = tuple(b.stop - b.start for b in box)
-        w = np.ones(shape, np.float32) if w is None else w[part]
-        self._add(box, np.asarray(value, np.float32).reshape(-1, *[1] * len(shape)) * w)
+        self._add(box, constant_output(self.grid, tile, value, box, self.blend))
 
     def fill_constant(self, tile: Tile, value: np.ndarray, region: Box | None = None) -> None:
         self._before(tile)
         box = tuple(region or tile.target)
         _add_fill(self._fills, box, value)
-        if self._buffer is None:
-            self._buffer = np.zeros((self.channels, self.ring, *self.grid.image_shape[1:]), np.float32)
-        self._open.update(range(box[0].start // self.slab, (box[0].stop - 1) // self.slab + 1))
+        self._opened(box)
 
     def finalize(self) -> None:
         for k in sorted(self._open):
