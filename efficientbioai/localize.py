@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from efficientbioai.errors import ConfigError
+from efficientbioai.io.cache import bypassing
 from efficientbioai.tiling import Tile, TileGrid
 
 DEFAULT_MAX_VOXELS = 2**21  # the low-resolution copy: at most ~2 M voxels (8 MB as float32)
@@ -100,7 +101,8 @@ def downsample(
     ``image`` is a (C, *spatial) array-like (``has_channels``) or a spatial one: a NumPy array, a memory
     map or a zarr array. It is read in blocks of whole downsampling blocks along the first two spatial
     axes (aligned to the zarr chunks when that fits, so no chunk is decompressed twice), each at most
-    about ``read_bytes`` as float32: the full-resolution image is never held in memory. Blocks at the
+    about ``read_bytes`` as float32: the full-resolution image is never held in memory (and a read cache
+    under it is bypassed: :func:`~efficientbioai.io.cache.bypassing`). Blocks at the
     far border may be shorter than ``factor``; their mean is over the voxels they hold.
     """
     spatial = tuple(int(n) for n in (image.shape[1:] if has_channels else image.shape))
@@ -120,14 +122,15 @@ def downsample(
         depth, unit = f0, f1
     depth = -(-depth // f0) * f0
     rows = max(1, read_bytes // (depth * unit * rest)) * unit
-    for i0 in range(0, spatial[0], depth):
-        for j0 in range(0, spatial[1], rows):
-            x = np.asarray(image[(*lead, slice(i0, i0 + depth), slice(j0, j0 + rows))], np.float32)
-            if has_channels:
-                x = x[0] if channels == 1 else x.mean(axis=0, dtype=np.float32)
-            for axis, f in enumerate(factor):
-                x = block_mean(x, axis, f)
-            out[i0 // f0 : i0 // f0 + x.shape[0], j0 // f1 : j0 // f1 + x.shape[1]] = x
+    with bypassing(image):  # one pass over the whole image: not through the tiles' read cache
+        for i0 in range(0, spatial[0], depth):
+            for j0 in range(0, spatial[1], rows):
+                x = np.asarray(image[(*lead, slice(i0, i0 + depth), slice(j0, j0 + rows))], np.float32)
+                if has_channels:
+                    x = x[0] if channels == 1 else x.mean(axis=0, dtype=np.float32)
+                for axis, f in enumerate(factor):
+                    x = block_mean(x, axis, f)
+                out[i0 // f0 : i0 // f0 + x.shape[0], j0 // f1 : j0 // f1 + x.shape[1]] = x
     return out
 
 

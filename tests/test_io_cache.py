@@ -76,3 +76,24 @@ def test_predictions_through_the_cache_are_identical(stored):
     through = Predictor(engine=Blur(), **kw)(lazy_model_layout(view, "zyx", "bczyx"))
     np.testing.assert_array_equal(through.output, plain.output)
     assert view.decoded == 3 * 5 * 3  # every chunk once
+
+
+def test_the_localisation_pass_reads_around_the_cache(stored):
+    """The sample-localisation pass reads the whole image once: through a lazy view it bypasses the cache
+    (nothing decoded into it, nothing pushed out), gives the same low-resolution copy, and the cache
+    serves tiles again afterwards."""
+    from efficientbioai.io import bypassing
+    from efficientbioai.localize import downsample
+
+    data, array = stored
+    view = ChunkCache(array, 2**22)  # holds the whole volume: without the bypass the pass would fill it
+    layout = lazy_model_layout(view, "zyx", "bczyx")
+    np.testing.assert_array_equal(view[0:8, 0:16, 0:32], data[0:8, 0:16, 0:32])
+    assert view.decoded == 1
+    low = downsample(layout, (2, 4, 4), read_bytes=8 * 16 * 90 * 4)  # several reads, each through the view
+    np.testing.assert_array_equal(low, downsample(data[np.newaxis], (2, 4, 4)))
+    assert view.decoded == 1 and list(view._cache) == [(0, 0, 0)] and not view.bypass
+    with bypassing(np.zeros(3)):  # nothing to bypass: a no-op
+        pass
+    view[0:8, 16:32, 0:32]
+    assert view.decoded == 2

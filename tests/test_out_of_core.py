@@ -117,6 +117,45 @@ def test_skipped_tiles_far_from_run_tiles_hold_the_value_exactly(shape, tile, ov
     np.testing.assert_array_equal(got, new)
 
 
+@pytest.mark.parametrize("background", [0.37, 0.0])
+def test_band_merger_writes_only_what_differs_from_the_storage_background(background):
+    """With ``background`` (the value the storage holds where nothing is written, e.g. a zarr store's fill
+    value), a slab is written only inside the chunk-aligned box around what was blended and fills of
+    another value; slabs that are all background are not written, but still recorded as done. Read back
+    with that background, the output is the in-memory one to the bit."""
+    shape, tile = (1, 37, 45, 38), (8, 16, 16)
+    image = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    p = _predictor(image, tile, overlap=0.25)
+    plan = p.plan(image)
+    grid = plan.grid
+    middle = len(grid) // 2
+    skipped = np.ones(len(grid), bool)
+    skipped[middle] = False
+    plan.skipped, plan.value = skipped, np.float32([0.37])
+    plan.fill = skipped & ~grid.touching(~skipped)
+    ref = p(image, plan=plan).output
+    got = np.full(shape, background, np.float32)
+    written, recorded = [], []
+
+    def sink(region, data):
+        written.append(region)
+        got[(slice(None), *region)] = data
+
+    merger = BandMerger(grid, 1, sink, 4, background=background, chunks=(8, 8), on_slab=recorded.append)
+    p(image, plan=plan, merger=merger)
+    np.testing.assert_array_equal(got, ref)
+    assert recorded == list(range(merger.n_slabs))  # every slab recorded, written or not
+    for region in written:  # whole chunks (or up to the image's edge) along the other axes
+        for r, c, n in zip(region[1:], (8, 8), shape[2:], strict=True):
+            assert r.start % c == 0 and (r.stop % c == 0 or r.stop == n)
+    voxels = sum(int(np.prod([r.stop - r.start for r in region])) for region in written)
+    if background == 0.0:  # the fills differ from the storage: every voxel is written
+        assert voxels == int(np.prod(shape[1:]))
+    else:
+        assert {r[0].start // 4 for r in written} < set(range(merger.n_slabs))  # some slabs not written
+        assert 0 < voxels < int(np.prod(shape[1:])) / 3
+
+
 def test_region_merger_gives_the_whole_image_pixels_there():
     image = np.random.default_rng(1).standard_normal((1, 30, 41, 50)).astype(np.float32)
     p = _predictor(image, (8, 16, 16), overlap=0.25)

@@ -205,6 +205,12 @@ class BandMerger(Merger):
     that only touch them are not needed. ``on_slab(k)`` is called after slab ``k`` was written (to record
     progress). ``sink`` gets a view of the ring, valid during the call. Peak memory is about ``channels ×
     ring × plane × 4`` bytes.
+
+    ``background``: the value the sink's storage already holds where nothing was written (e.g. a new
+    zarr store's fill value), or ``None``. With it, a slab is written only inside the bounding box of what
+    differs from it (what was blended, and fills of another value), grown to whole ``chunks`` (the
+    storage's chunk shape along the other spatial axes): around a sparse sample the rest of each plane
+    is neither filled, written nor cleared, and a slab that is all background is not written at all.
     """
 
     def __init__(
@@ -216,8 +222,12 @@ class BandMerger(Merger):
         blend: str = "gaussian",
         done: Sequence[int] = (),
         on_slab: Callable[[int], None] | None = None,
+        background: float | None = None,
+        chunks: Sequence[int] | None = None,
     ):
         self.grid, self.channels, self.sink, self.blend = grid, channels, sink, blend
+        self.background = None if background is None else np.float32(background)
+        self.chunks = tuple(int(c) for c in chunks) if chunks is not None else None
         self.slab = max(1, int(slab))
         self.n_slabs = -(-grid.image_shape[0] // self.slab)
         self.done = set(int(k) for k in done)
@@ -275,37 +285,60 @@ class BandMerger(Merger):
         hi = min(lo + self.slab, self.grid.image_shape[0])
         planes = slice(lo % self.ring, lo % self.ring + hi - lo)
         view = self._buffer[:, planes]
-        if k not in self.done:
-            touched = np.flatnonzero((self._hi[planes] > self._lo[planes]).all(axis=1))
-            if len(touched):
-                rest = [
-                    slice(int(a), int(b))
-                    for a, b in zip(
-                        self._lo[planes][touched].min(axis=0),
-                        self._hi[planes][touched].max(axis=0),
-                        strict=True,
-                    )
-                ]
+        region = (slice(lo, hi), *(slice(0, n) for n in self.grid.image_shape[1:]))
+        touched = np.flatnonzero((self._hi[planes] > self._lo[planes]).all(axis=1))
+        blended = None  # bounding box (rest axes) of what was blended in this slab
+        if len(touched):
+            blended = [
+                slice(int(a), int(b))
+                for a, b in zip(
+                    self._lo[planes][touched].min(axis=0), self._hi[planes][touched].max(axis=0), strict=True
+                )
+            ]
+        box = self._written_box(region, blended)  # what is written (and so modified) in the slab
+        if k not in self.done and box is not None:
+            if blended is not None:
                 first = slice(int(touched[0]), int(touched[-1]) + 1)
                 normalize(
-                    view[(slice(None), first, *rest)],
+                    view[(slice(None), first, *blended)],
                     self.grid,
                     self.blend,
-                    (slice(lo + first.start, lo + first.stop), *rest),
+                    (slice(lo + first.start, lo + first.stop), *blended),
                 )
-            region = (slice(lo, hi), *(slice(0, n) for n in self.grid.image_shape[1:]))
-            fills = [(_intersection(box, region), value) for box, value in self._fills]
-            _fill(view, [(_shift(box, [r.start for r in region]), v) for box, v in fills if box is not None])
-            self.sink(region, view)
+            fills = [(_intersection(b, box), value) for b, value in self._fills]
+            _fill(view, [(_shift(b, [r.start for r in region]), v) for b, v in fills if b is not None])
+            self.sink(box, view[(slice(None), *_shift(box, [r.start for r in region]))])
+        if k not in self.done:
             self.done.add(k)
             self.written.append(k)
             if self.on_slab is not None:
                 self.on_slab(k)
-        view[...] = 0
+        if box is not None:  # all that was modified (the blended box lies inside it): zero for reuse
+            view[(slice(None), *_shift(box, [r.start for r in region]))] = 0
         self._lo[planes] = np.iinfo(np.int64).max
         self._hi[planes] = 0
-        self._fills = [(box, v) for box, v in self._fills if box[0].stop > hi]
+        self._fills = [(b, v) for b, v in self._fills if b[0].stop > hi]
         self._open.discard(k)
+
+    def _written_box(self, region: tuple[slice, ...], blended: list[slice] | None) -> tuple[slice, ...] | None:
+        """The part of a slab (``region``) to hand to the sink: all of it without a ``background``;
+        else the box around ``blended`` and the fills of another value, grown to whole chunks (``None``
+        when the slab is all background)."""
+        if self.background is None:
+            return region
+        box = None if blended is None else bounding(None, blended)
+        for b, value in self._fills:
+            part = _intersection(b, region)
+            if part is not None and not np.all(np.asarray(value, np.float32) == self.background):
+                box = bounding(box, part[1:])
+        if box is None:
+            return None
+        chunks = self.chunks or (1,) * len(box)
+        grown = [
+            slice(a // c * c, min(-(-b // c) * c, n))
+            for (a, b), c, n in zip(box, chunks, self.grid.image_shape[1:], strict=True)
+        ]
+        return (region[0], *grown)
 
     def aggregate(self, tile: Tile, output: np.ndarray) -> None:
         self._before(tile)

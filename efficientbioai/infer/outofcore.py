@@ -161,17 +161,20 @@ def predict_to_output(
         t0 = time.perf_counter()
         plans.append(predictor.plan(image))
         seconds.append(time.perf_counter() - t0)
-    output.create(fill_value(plans))
+    array = output.create(fill_value(plans))
+    background = float(np.asarray(array.fill_value))  # a resumed store keeps its own
     preds = []
     for i, (image, plan) in enumerate(zip(images, plans, strict=True)):
         merger = BandMerger(
             plan.grid,
             predictor.out_channels,
-            layout.sink(output.array, i),
+            layout.sink(array, i),
             layout.slab,
             predictor.blend,
             done=output.done(i),
             on_slab=lambda k, i=i: output.mark(i, k),
+            background=background,
+            chunks=array.chunks[layout.lead + 1 :],
         )
         pred = predictor(image, progress=progress, merger=merger, plan=plan)
         pred.seconds += seconds[i]

@@ -9,7 +9,7 @@
 - :mod:`~efficientbioai.io.files`: suffixes, output names, atomic replacement, leftovers of killed runs.
 """
 
-from efficientbioai.io.cache import ChunkCache, cached
+from efficientbioai.io.cache import ChunkCache, bypassing, cached
 from efficientbioai.io.chunked import PROGRESS_FILE, ChunkedOutput
 from efficientbioai.io.files import (
     IMAGE_SUFFIXES,
@@ -28,6 +28,7 @@ __all__ = [
     "PROGRESS_FILE",
     "ZARR_METADATA",
     "ChunkCache",
+    "bypassing",
     "ChunkedOutput",
     "LazyLayout",
     "cached",

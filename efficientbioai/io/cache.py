@@ -6,14 +6,17 @@ them again. :class:`ChunkCache` is a read-only view of such an array that keeps 
 decoded chunks, up to a byte budget, so that the tiles of a row (and, when the budget holds a whole layer of
 chunks, of the next layers) reuse them. Chunks are kept in the array's own dtype.
 
-Large reads (over a quarter of the budget, e.g. the sample-localisation pass) go straight to the array
-and are not cached, so they do not push out the chunks the tiles need.
+Large reads (over a quarter of the budget) go straight to the array and are not cached, so they do not
+push out the chunks the tiles need; so do all reads inside :func:`bypassing` (e.g. the sample-localisation
+pass, which reads the whole image once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,6 +38,7 @@ class ChunkCache:
         self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
         self._bytes = 0
         self.decoded = 0  # chunks read from the array (for tests and benchmarks)
+        self.bypass = False  # read straight from the array (see :func:`bypassing`)
 
     def __repr__(self) -> str:
         return f"ChunkCache({self.array!r}, max_bytes={self.max_bytes})"
@@ -44,7 +48,7 @@ class ChunkCache:
         return data.astype(dtype) if dtype is not None else data
 
     def __getitem__(self, key):
-        box, squeeze = self._box(key)
+        box, squeeze = (None, ()) if self.bypass else self._box(key)
         if box is None:
             return self.array[key]
         ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(box, self.chunks, strict=True)]
@@ -126,6 +130,25 @@ class ChunkCache:
             self._bytes -= old.nbytes
 
 
+@contextlib.contextmanager
+def bypassing(image: Any) -> Iterator[None]:
+    """Within the block, reads of ``image`` skip the :class:`ChunkCache` under it, if any (found through
+    the ``.array`` of views such as :class:`~efficientbioai.io.layout.LazyLayout`): a pass over the whole
+    image decodes each chunk once anyway, and caching it would only copy it and push out the chunks that
+    the tiles need next."""
+    cache, seen = image, 0
+    while cache is not None and not isinstance(cache, ChunkCache) and seen < 8:
+        cache, seen = getattr(cache, "array", None), seen + 1
+    if not isinstance(cache, ChunkCache):
+        yield
+        return
+    before, cache.bypass = cache.bypass, True
+    try:
+        yield
+    finally:
+        cache.bypass = before
+
+
 def cached(array: Any, max_bytes: int) -> Any:
     """``array`` behind a :class:`ChunkCache` when it is a chunked store whose reads decode chunks (a zarr
     array) and ``max_bytes`` is positive; else ``array`` itself (NumPy arrays and memory maps are cached
@@ -140,4 +163,4 @@ def cached(array: Any, max_bytes: int) -> Any:
     return ChunkCache(array, max_bytes)
 
 
-__all__ = ["ChunkCache", "cached"]
+__all__ = ["ChunkCache", "bypassing", "cached"]
