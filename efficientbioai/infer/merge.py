@@ -320,7 +320,9 @@ class BandMerger(Merger):
         self._fills = [(b, v) for b, v in self._fills if b[0].stop > hi]
         self._open.discard(k)
 
-    def _written_box(self, region: tuple[slice, ...], blended: list[slice] | None) -> tuple[slice, ...] | None:
+    def _written_box(
+        self, region: tuple[slice, ...], blended: list[slice] | None
+    ) -> tuple[slice, ...] | None:
         """The part of a slab (``region``) to hand to the sink: all of it without a ``background``;
         else the box around ``blended`` and the fills of another value, grown to whole chunks (``None``
         when the slab is all background)."""
