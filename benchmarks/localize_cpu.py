@@ -1,11 +1,12 @@
 """CPU benchmark: ``efficientbioai infer`` end to end on a sparse 3D volume, with and without sample localisation.
 
-The volume (default 64x1024x1024 float32, a memory-mapped ``.npy`` or with ``--format zarr`` an OME-Zarr
-store, written slab by slab) holds a cylinder of "cleared tissue" through the whole stack that fills 25%
-of the voxels: tissue autofluorescence plus textured nuclei (``synthetic.nuclei`` patterns, repeated), on
-a dim noisy background. The network is the 3D MONAI UNet of benchmarks/infer_cpu.py (random weights,
-seeded) compressed to int8 by that script's ``prepare``; ``infer`` runs it with tile 32x64x64, overlap
-0.25, gaussian blending, batch 1, energy metering off.
+The volume (default 64x2048x2048 float32 as an OME-Zarr store, so input and output are zarr and the run
+is out of core, as for a whole light-sheet volume; or with ``--format npy`` a memory-mapped ``.npy``,
+with a TIFF output blended in memory; written slab by slab) holds a cylinder of "cleared tissue" through
+the whole stack that fills 25% of the voxels: tissue autofluorescence plus textured nuclei
+(``synthetic.nuclei`` patterns, repeated), on a dim noisy background. The network is the 3D MONAI UNet of
+benchmarks/infer_cpu.py (random weights, seeded) compressed to int8 by that script's ``prepare``;
+``infer`` runs it with tile 32x64x64, overlap 0.25, gaussian blending, batch 1, energy metering off.
 
 Each run is a fresh process (this script with ``--child``) that calls ``efficientbioai.infer.infer`` once;
 runs with and without ``tiling.localize.enabled`` alternate, ``--repeats`` times each (medians reported).
@@ -15,7 +16,7 @@ is the CPU time of the ``infer()`` call (all threads; less sensitive than wall t
 on a shared machine). The outputs of the last two runs are compared inside the sample (the generated
 cylinder), slab by slab.
 
-Why tile 32x64x64 and 1024x1024 planes: a tile runs when its inner region touches the sample, so the
+Why tile 32x64x64 and 2048x2048 planes: a tile runs when its inner region touches the sample, so the
 ring of partly covered tiles around it bounds the speed-up (tiles run / all tiles, for this 25% cylinder
 and overlap 0.25): tile 32x128x128 runs 64-84% of the tiles on 64x512x512 (depending on where the
 sample sits), 38% on 64x1024x1024, 33% on 64x2048x2048; tile 32x64x64 runs 37% on 64x768x768, 33% on
@@ -25,8 +26,8 @@ pass, writing the output) do not shrink.
 ``measure_localization`` is the measurement as a function (for benchmarks/scale_cpu.py);
 ``write_sparse_volume`` writes the volume in bounded memory (any size).
 
-Run:  python benchmarks/localize_cpu.py [--threads N] [--repeats 2] [--shape 64 1024 1024] [--tile 32 64 64]
-      [--format npy|zarr]
+Run:  python benchmarks/localize_cpu.py [--threads N] [--repeats 2] [--shape 64 2048 2048] [--tile 32 64 64]
+      [--format zarr|npy]
 """
 
 from __future__ import annotations
@@ -271,10 +272,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=default_threads(), help="CPU threads (default: all)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant (default 2)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[64, 1024, 1024], metavar=("Z", "Y", "X"))
+    parser.add_argument("--shape", type=int, nargs=3, default=[64, 2048, 2048], metavar=("Z", "Y", "X"))
     parser.add_argument("--tile", type=int, nargs=3, default=[32, 64, 64], metavar=("Z", "Y", "X"))
     parser.add_argument(
-        "--format", choices=["npy", "zarr"], default="npy", help="input: memory-mapped .npy or OME-Zarr"
+        "--format",
+        choices=["zarr", "npy"],
+        default="zarr",
+        help="input: OME-Zarr (zarr output, out of core; default) or memory-mapped .npy (TIFF output, in memory)",
     )
     parser.add_argument("--calib-tiles", type=int, default=16, help="int8 calibration tiles (default 16)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
