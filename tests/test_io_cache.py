@@ -97,3 +97,49 @@ def test_the_localisation_pass_reads_around_the_cache(stored):
         pass
     view[0:8, 16:32, 0:32]
     assert view.decoded == 2
+
+
+def test_worst_case_chunks_under_a_read():
+    from efficientbioai.io.cache import chunk_bytes_under
+
+    # whole planes: a 16-plane tile reads 16 of them, wherever it sits
+    assert chunk_bytes_under((1, 2048, 2048), (300, 2048, 2048), 4, (16, 128, 128)) == 16 * 2048 * 2048 * 4
+    # a tile smaller than a chunk can straddle two along each axis; never more chunks than the axis has
+    assert chunk_bytes_under((64, 64, 64), (64, 1000, 1000), 2, (32, 64, 64)) == 1 * 2 * 2 * 64**3 * 2
+    assert chunk_bytes_under((8, 16, 32), (21, 70, 90), 1, (9, 17, 33)) == 2 * 2 * 2 * 8 * 16 * 32
+    assert chunk_bytes_under((8, 16, 32), (21, 70, 90), 1, (9, 18, 34)) == 2 * 3 * 3 * 8 * 16 * 32
+    assert chunk_bytes_under((8, 16, 32), (21, 70, 90), 1, (100, 1, 0)) == 3 * 1 * 1 * 8 * 16 * 32
+
+
+def test_large_chunks_grow_the_cache_so_tiles_decode_each_chunk_about_once(tmp_path):
+    """Whole-plane chunks: with the configured budget too small for the chunks under one tile, every tile
+    would bypass the cache and decode all its planes again. ``open_samples`` grows the budget to twice
+    that (and says so); each plane is then decoded about once per layer of tiles, and the prediction
+    is the same to the bit."""
+    from efficientbioai.artifact import InputSpec
+    from efficientbioai.infer.images import cache_note, open_samples
+
+    from .test_localize import Blur
+
+    data = np.random.default_rng(2).integers(0, 60000, (20, 96, 112)).astype(np.uint16)
+    path = tmp_path / "planes.zarr"
+    create_zarr(path, data.shape, data.dtype, "zyx", (1, 96, 112), "planes")[:] = data
+    plane = 96 * 112 * 2
+    spec = InputSpec(axes="bczyx", channels=1)
+    kw = {"axes": "bczyx", "out_channels": 1, "tile_shape": (8, 32, 32), "overlap": 0.25}
+    plain = Predictor(engine=Blur(), **kw)(np.asarray(data, np.float32)[np.newaxis])
+
+    raw, _, images = open_samples(path, "zyx", spec, 4 * plane)  # no tile shape: the budget stays
+    assert isinstance(raw, ChunkCache) and raw.max_bytes == 4 * plane and cache_note(raw) is None
+    out = Predictor(engine=Blur(), **kw)(images[0])
+    np.testing.assert_array_equal(out.output, plain.output)
+    assert raw.decoded == 0  # tiles of 8 planes bypass a 4-plane cache: each decodes its planes again
+
+    raw, _, images = open_samples(path, "zyx", spec, 4 * plane, tile_shape=(8, 32, 32))
+    assert raw.max_bytes == 2 * 8 * plane and raw.grown_from == 4 * plane
+    note = cache_note(raw)
+    assert "(1, 96, 112)" in note and "grew from" in note and "read_cache_mb" in note
+    out = Predictor(engine=Blur(), **kw)(images[0])
+    np.testing.assert_array_equal(out.output, plain.output)
+    layers = len(range(0, 20 - 8 + 1, 6)) + 1  # tile layers along z (step 6, one more at the end)
+    assert raw.decoded <= layers * 8  # each layer's planes once, not once per tile

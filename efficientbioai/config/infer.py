@@ -112,7 +112,8 @@ class TilingConfig(StrictConfig):
         256,
         ge=0,
         description="zarr / OME-Zarr inputs: memory for decoded input chunks kept for the next tiles "
-        "(overlapping tiles share chunks; without it each tile decodes every chunk it touches again); 0: off",
+        "(overlapping tiles share chunks; without it each tile decodes every chunk it touches again); grown "
+        "to twice the chunks under one tile when the input's chunks are larger (a note says so); 0: off",
     )
 
     @field_validator("out_of_core", mode="before")

@@ -172,7 +172,7 @@ def _worker_engine(job: BlockJob):
     return cache[key]
 
 
-def _worker_image(job: BlockJob, model_input):
+def _worker_image(job: BlockJob, model_input, tile_shape):
     """The (C, *spatial) sample of the job's image, opened lazily and kept for the next blocks."""
     from efficientbioai.infer.images import open_samples, read_cache_bytes
 
@@ -182,7 +182,9 @@ def _worker_image(job: BlockJob, model_input):
     key = (str(job.image), job.axes, job.sample)
     if key not in cache:
         cache.clear()  # one image at a time per thread: tasks of one image run together
-        cache[key] = open_samples(job.image, job.axes, model_input, read_cache_bytes(job.cfg))[2][job.sample]
+        cache[key] = open_samples(job.image, job.axes, model_input, read_cache_bytes(job.cfg), tile_shape)[2][
+            job.sample
+        ]
     return cache[key]
 
 
@@ -192,7 +194,7 @@ def run_block(job: BlockJob) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     _, predictor, manifest = _worker_engine(job)
-    image = _worker_image(job, manifest.input)
+    image = _worker_image(job, manifest.input, predictor.tile_shape)
     array = zarr.open_array(store=str(job.store), path="0", mode="r+")
     merger = RegionMerger(
         job.plan.grid, predictor.out_channels, job.region, predictor.blend, job.layout.sink(array, job.sample)
@@ -225,7 +227,7 @@ def infer_distributed(
     """Every block of every image as one Dask task stream (see :mod:`efficientbioai.infer.distributed`)."""
     from dask.distributed import as_completed
 
-    from efficientbioai.infer.images import open_samples, read_cache_bytes, read_target
+    from efficientbioai.infer.images import cache_note, open_samples, read_cache_bytes, read_target
     from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
     from efficientbioai.infer.outofcore import fill_value, fingerprint, output_layout
     from efficientbioai.infer.predict import split_pointwise
@@ -245,7 +247,11 @@ def infer_distributed(
     pending: dict[int, dict[str, Any]] = {}  # image number → its output, blocks and record
     jobs: list[tuple[int, tuple[int, int], BlockJob]] = []
     for k, (path, opath) in enumerate(zip(files, out_paths, strict=True)):
-        raw, axes, images = open_samples(path, cfg.axes, manifest.input, read_cache_bytes(cfg))
+        raw, axes, images = open_samples(
+            path, cfg.axes, manifest.input, read_cache_bytes(cfg), predictor.tile_shape
+        )
+        if cache_note(raw):
+            log(f"  {path.name}: {cache_note(raw)}")
         spatial = tuple(images[0].shape[1:])
         voxels = int(np.prod(spatial)) * len(images)
         record = ImageRecord(path, opath, tuple(raw.shape), "done")

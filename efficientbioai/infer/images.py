@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from efficientbioai.artifact import InputSpec
 from efficientbioai.config import InferConfig
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.io import expand_paths, lazy_model_layout, output_path, read_axes, read_image
-from efficientbioai.io.cache import cached
+from efficientbioai.io.cache import ChunkCache, cached
+from efficientbioai.io.layout import LazyLayout
 
 
 def split_batch(image, axes: str | None, source: str) -> list:
@@ -21,13 +23,21 @@ def split_batch(image, axes: str | None, source: str) -> list:
     return [np.take(arr, i, axis=axes.index("b")) for i in range(arr.shape[axes.index("b")])]
 
 
-def open_samples(path: Path, axes: str | None, model_input: InputSpec, cache_bytes: int = 0):
+def open_samples(
+    path: Path,
+    axes: str | None,
+    model_input: InputSpec,
+    cache_bytes: int = 0,
+    tile_shape: Sequence[int] | None = None,
+):
     """(raw array, axes, [(C, *spatial) samples]) of one input, read lazily where possible.
 
     ``axes``: the input's axes as configured (``None``: read from the file's metadata, else inferred);
     ``model_input``: the network's input (axes and channels) from the artifact's manifest;
     ``cache_bytes``: a zarr input is read through a :class:`~efficientbioai.io.cache.ChunkCache` of
-    this many bytes of decoded chunks (0: none).
+    this many bytes of decoded chunks (0: none), grown to hold twice the chunks under one tile of
+    ``tile_shape`` when the input's chunks are large (:meth:`~efficientbioai.io.cache.ChunkCache.fit`;
+    :func:`cache_note` says so).
     """
     model_axes = model_input.axes
     raw = cached(read_image(path), cache_bytes)
@@ -42,7 +52,37 @@ def open_samples(path: Path, axes: str | None, model_input: InputSpec, cache_byt
                 f"the model takes {model_input.channels}",
                 "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
             )
+    if isinstance(raw, ChunkCache) and tile_shape is not None:
+        read = _tile_read_shape(images[0], raw, tile_shape)
+        if read is not None:
+            raw.fit(read)
     return raw, axes, images
+
+
+def _tile_read_shape(image, raw: ChunkCache, tile_shape: Sequence[int]) -> tuple[int, ...] | None:
+    """What one tile reads of ``raw``, per axis, through the lazy view ``image``: the tile along the
+    spatial axes, every channel, one index of the dropped size-1 axes; ``None`` if not such a view."""
+    if not isinstance(image, LazyLayout) or image.array is not raw:
+        return None
+    spatial = iter(int(t) for t in tile_shape)
+    kept = [i for i, k in enumerate(image._index) if isinstance(k, slice)]
+    first_spatial = 0 if image._add_channel else 1  # without an added channel the first kept axis is it
+    read = [1] * len(raw.shape)
+    for j, i in enumerate(kept):
+        read[i] = raw.shape[i] if j < first_spatial else next(spatial, raw.shape[i])
+    return tuple(read)
+
+
+def cache_note(raw) -> str | None:
+    """A line for the user when the read cache had to grow for the input's chunks (else ``None``)."""
+    before = getattr(raw, "grown_from", None)
+    if not isinstance(raw, ChunkCache) or before is None:
+        return None
+    return (
+        f"input chunks {tuple(raw.chunks)} are large for the tiles: the read cache grew from "
+        f"{before / 2**20:.0f} to {raw.max_bytes / 2**20:.0f} MB (tiling.read_cache_mb) so that overlapping "
+        "tiles do not decode them again; chunks of e.g. 64 x 256 x 256 read faster and in less memory"
+    )
 
 
 def read_cache_bytes(cfg: InferConfig) -> int:

@@ -24,6 +24,7 @@ from efficientbioai.engines import Engine, default_threads
 from efficientbioai.errors import ConfigError
 from efficientbioai.infer.distributed import blocks, infer_distributed
 from efficientbioai.infer.images import (
+    cache_note,
     labels_path,
     open_samples,
     output_paths,
@@ -110,7 +111,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         return InferResult(records, task, threads)
     try:
         for k, (path, tpath, opath) in enumerate(zip(files, targets, out_paths, strict=True)):
-            raw, _, images = open_samples(path, cfg.axes, manifest.input, read_cache_bytes(cfg))
+            raw, _, images = open_samples(
+                path, cfg.axes, manifest.input, read_cache_bytes(cfg), predictors[0].tile_shape
+            )
+            if cache_note(raw):
+                _log(f"  {path.name}: {cache_note(raw)}", quiet)
             spatial = tuple(images[0].shape[1:])
             voxels = int(np.prod(spatial)) * len(images)
             record = ImageRecord(path, opath, tuple(raw.shape), "done")

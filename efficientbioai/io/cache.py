@@ -6,8 +6,8 @@ them again. :class:`ChunkCache` is a read-only view of such an array that keeps 
 decoded chunks, up to a byte budget, so that the tiles of a row (and, when the budget holds a whole layer of
 chunks, of the next layers) reuse them. Chunks are kept in the array's own dtype.
 
-Large reads (over a quarter of the budget) go straight to the array and are not cached, so they do not
-push out the chunks the tiles need; so do all reads inside :func:`bypassing` (e.g. the sample-localisation
+Large reads (over half the budget) go straight to the array and are not cached, so they do not push out
+the chunks the tiles need; so do all reads inside :func:`bypassing` (e.g. the sample-localisation
 pass, which reads the whole image once).
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ class ChunkCache:
         self._bytes = 0
         self.decoded = 0  # chunks read from the array (for tests and benchmarks)
         self.bypass = False  # read straight from the array (see :func:`bypassing`)
+        self.grown_from: int | None = None  # the budget before :meth:`fit` grew it
 
     def __repr__(self) -> str:
         return f"ChunkCache({self.array!r}, max_bytes={self.max_bytes})"
@@ -53,7 +54,7 @@ class ChunkCache:
             return self.array[key]
         ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(box, self.chunks, strict=True)]
         count = int(np.prod([len(r) for r in ranges]))
-        if count == 0 or count * self._chunk_bytes * 4 > self.max_bytes:
+        if count == 0 or count * self._chunk_bytes * 2 > self.max_bytes:
             return self.array[key]
         out = np.empty([s.stop - s.start for s in box], self.dtype)
         missing = []
@@ -74,6 +75,20 @@ class ChunkCache:
                 chunk[tuple(slice(p.start - o, p.stop - o) for p, o in zip(part, lo, strict=True))]
             )
         return out[squeeze] if squeeze else out
+
+    def fit(self, read_shape: Sequence[int]) -> int | None:
+        """Grow the budget, if needed, to twice the decoded chunks under one read of ``read_shape`` (per
+        axis of the array) placed anywhere: so that such reads (the tiles) are always cached. Large
+        chunks need it, e.g. whole 2048 × 2048 planes under a 16-plane tile are 16 chunks, 256 MB of
+        float32, and without the cache every tile would decode all of them again. Returns the budget
+        before, when it grew (else ``None``)."""
+        need = 2 * chunk_bytes_under(self.chunks, self.shape, self.dtype.itemsize, read_shape)
+        if need <= self.max_bytes:
+            return None
+        before, self.max_bytes = self.max_bytes, need
+        if self.grown_from is None:
+            self.grown_from = before
+        return before
 
     def _box(self, key) -> tuple[tuple[slice, ...] | None, tuple]:
         """The requested box as step-1 slices, and the index that drops the integer-indexed axes; or
@@ -130,6 +145,18 @@ class ChunkCache:
             self._bytes -= old.nbytes
 
 
+def chunk_bytes_under(
+    chunks: Sequence[int], shape: Sequence[int], itemsize: int, read_shape: Sequence[int]
+) -> int:
+    """Bytes of the decoded chunks a read of ``read_shape`` touches at worst (straddling chunk edges on
+    every axis where it can)."""
+    count = 1
+    for c, n, r in zip(chunks, shape, read_shape, strict=True):
+        r = max(1, min(int(r), int(n)))
+        count *= min(-(-int(n) // int(c)), -(-(r - 1) // int(c)) + 1)
+    return count * int(np.prod(chunks)) * int(itemsize)
+
+
 @contextlib.contextmanager
 def bypassing(image: Any) -> Iterator[None]:
     """Within the block, reads of ``image`` skip the :class:`ChunkCache` under it, if any (found through
@@ -163,4 +190,4 @@ def cached(array: Any, max_bytes: int) -> Any:
     return ChunkCache(array, max_bytes)
 
 
-__all__ = ["ChunkCache", "bypassing", "cached"]
+__all__ = ["ChunkCache", "bypassing", "cached", "chunk_bytes_under"]
