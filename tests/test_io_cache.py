@@ -143,3 +143,12 @@ def test_large_chunks_grow_the_cache_so_tiles_decode_each_chunk_about_once(tmp_p
     np.testing.assert_array_equal(out.output, plain.output)
     layers = len(range(0, 20 - 8 + 1, 6)) + 1  # tile layers along z (step 6, one more at the end)
     assert raw.decoded <= layers * 8  # each layer's planes once, not once per tile
+
+
+def test_a_lazy_view_names_what_a_tile_reads_of_its_array(tmp_path):
+    """The read shape per axis of the stored array: the tile on the spatial axes, every channel, one
+    index of a dropped size-1 axis (what the cache's budget is fitted to)."""
+    five = create_zarr(tmp_path / "a.zarr", (1, 3, 20, 30, 40), np.uint16, "tczyx", (1, 1, 8, 8, 8), "a")
+    assert lazy_model_layout(five, "tczyx", "bczyx").array_read_shape((8, 16, 16)) == (1, 3, 8, 16, 16)
+    three = create_zarr(tmp_path / "b.zarr", (20, 30, 40), np.uint16, "zyx", (8, 8, 8), "b")
+    assert lazy_model_layout(three, "zyx", "bczyx").array_read_shape((8, 16, 16)) == (8, 16, 16)

@@ -250,8 +250,8 @@ def infer_distributed(
         raw, axes, images = open_samples(
             path, cfg.axes, manifest.input, read_cache_bytes(cfg), predictor.tile_shape
         )
-        if cache_note(raw):
-            log(f"  {path.name}: {cache_note(raw)}")
+        if note := cache_note(raw):
+            log(f"  {path.name}: {note}")
         spatial = tuple(images[0].shape[1:])
         voxels = int(np.prod(spatial)) * len(images)
         record = ImageRecord(path, opath, tuple(raw.shape), "done")

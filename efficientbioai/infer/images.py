@@ -52,25 +52,15 @@ def open_samples(
                 f"the model takes {model_input.channels}",
                 "set `axes:` so that the channel axis is named 'c' (e.g. axes: cyx or yxc)",
             )
-    if isinstance(raw, ChunkCache) and tile_shape is not None:
-        read = _tile_read_shape(images[0], raw, tile_shape)
-        if read is not None:
-            raw.fit(read)
+    image = images[0]
+    if (
+        isinstance(raw, ChunkCache)
+        and tile_shape is not None
+        and isinstance(image, LazyLayout)
+        and image.array is raw
+    ):
+        raw.fit(image.array_read_shape(tile_shape))  # what one tile reads of the input
     return raw, axes, images
-
-
-def _tile_read_shape(image, raw: ChunkCache, tile_shape: Sequence[int]) -> tuple[int, ...] | None:
-    """What one tile reads of ``raw``, per axis, through the lazy view ``image``: the tile along the
-    spatial axes, every channel, one index of the dropped size-1 axes; ``None`` if not such a view."""
-    if not isinstance(image, LazyLayout) or image.array is not raw:
-        return None
-    spatial = iter(int(t) for t in tile_shape)
-    kept = [i for i, k in enumerate(image._index) if isinstance(k, slice)]
-    first_spatial = 0 if image._add_channel else 1  # without an added channel the first kept axis is it
-    read = [1] * len(raw.shape)
-    for j, i in enumerate(kept):
-        read[i] = raw.shape[i] if j < first_spatial else next(spatial, raw.shape[i])
-    return tuple(read)
 
 
 def cache_note(raw) -> str | None:

@@ -296,6 +296,7 @@ class BandMerger(Merger):
                 )
             ]
         box = self._written_box(region, blended)  # what is written (and so modified) in the slab
+        origin = [r.start for r in region]
         if k not in self.done and box is not None:
             if blended is not None:
                 first = slice(int(touched[0]), int(touched[-1]) + 1)
@@ -306,15 +307,15 @@ class BandMerger(Merger):
                     (slice(lo + first.start, lo + first.stop), *blended),
                 )
             fills = [(_intersection(b, box), value) for b, value in self._fills]
-            _fill(view, [(_shift(b, [r.start for r in region]), v) for b, v in fills if b is not None])
-            self.sink(box, view[(slice(None), *_shift(box, [r.start for r in region]))])
+            _fill(view, [(_shift(b, origin), v) for b, v in fills if b is not None])
+            self.sink(box, view[(slice(None), *_shift(box, origin))])
         if k not in self.done:
             self.done.add(k)
             self.written.append(k)
             if self.on_slab is not None:
                 self.on_slab(k)
         if box is not None:  # all that was modified (the blended box lies inside it): zero for reuse
-            view[(slice(None), *_shift(box, [r.start for r in region]))] = 0
+            view[(slice(None), *_shift(box, origin))] = 0
         self._lo[planes] = np.iinfo(np.int64).max
         self._hi[planes] = 0
         self._fills = [(b, v) for b, v in self._fills if b[0].stop > hi]

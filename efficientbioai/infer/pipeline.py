@@ -114,8 +114,8 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             raw, _, images = open_samples(
                 path, cfg.axes, manifest.input, read_cache_bytes(cfg), predictors[0].tile_shape
             )
-            if cache_note(raw):
-                _log(f"  {path.name}: {cache_note(raw)}", quiet)
+            if note := cache_note(raw):
+                _log(f"  {path.name}: {note}", quiet)
             spatial = tuple(images[0].shape[1:])
             voxels = int(np.prod(spatial)) * len(images)
             record = ImageRecord(path, opath, tuple(raw.shape), "done")

@@ -76,19 +76,17 @@ class ChunkCache:
             )
         return out[squeeze] if squeeze else out
 
-    def fit(self, read_shape: Sequence[int]) -> int | None:
+    def fit(self, read_shape: Sequence[int]) -> None:
         """Grow the budget, if needed, to twice the decoded chunks under one read of ``read_shape`` (per
         axis of the array) placed anywhere: so that such reads (the tiles) are always cached. Large
         chunks need it, e.g. whole 2048 × 2048 planes under a 16-plane tile are 16 chunks, 256 MB of
-        float32, and without the cache every tile would decode all of them again. Returns the budget
-        before, when it grew (else ``None``)."""
+        float32, and without the cache every tile would decode all of them again. :attr:`grown_from`
+        keeps the budget it had before."""
         need = 2 * chunk_bytes_under(self.chunks, self.shape, self.dtype.itemsize, read_shape)
-        if need <= self.max_bytes:
-            return None
-        before, self.max_bytes = self.max_bytes, need
-        if self.grown_from is None:
-            self.grown_from = before
-        return before
+        if need > self.max_bytes:
+            if self.grown_from is None:
+                self.grown_from = self.max_bytes
+            self.max_bytes = need
 
     def _box(self, key) -> tuple[tuple[slice, ...] | None, tuple]:
         """The requested box as step-1 slices, and the index that drops the integer-indexed axes; or

@@ -105,6 +105,16 @@ class LazyLayout:
         data = self[(slice(None),) * self.ndim]
         return data.astype(dtype) if dtype is not None else data
 
+    def array_read_shape(self, spatial: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+        """The shape read from :attr:`array` (per axis of it) by a read of this view of every channel and
+        ``spatial`` (one size per spatial axis): one index of each dropped axis, all channels."""
+        sizes = iter(int(n) for n in spatial)
+        kept = [i for i, k in enumerate(self._index) if isinstance(k, slice)]
+        read = [1] * len(self.array.shape)
+        for j, i in enumerate(kept):  # without an added channel axis the first kept axis is the channels
+            read[i] = self.array.shape[i] if j == 0 and not self._add_channel else next(sizes)
+        return tuple(read)
+
 
 def lazy_model_layout(image: Any, image_axes: str | None, model_axes: str, source: str = "image") -> Any:
     """Like :func:`to_model_layout`, but a lazily-read image (zarr array, memory map) whose axes are
