@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -208,6 +209,25 @@ def read_manifest(directory: str | Path) -> Manifest:
         ) from exc
 
 
+def warn_if_int8_saturates(m: Manifest) -> None:
+    """Warn when this CPU saturates int8 sums and the artifact's weights leave no headroom for it."""
+    from efficientbioai.cpu import describe_cap, int8_saturates
+
+    step = next((t for t in m.transformations if t.get("step") == "quantize_int8"), None)
+    fix = (step or {}).get("overflow_fix", "first_layer")  # before the option: NNCF's default
+    if step is None or fix == "all_layers" or not int8_saturates():
+        return
+    cap = describe_cap()
+    warnings.warn(
+        f"this CPU has no int8 dot-product instructions (no VNNI{f'; {cap}' if cap else ''}), and this "
+        f"int8 artifact was quantized with overflow_fix: {fix}: its int8 sums saturate here, so its "
+        "accuracy can be well below what compress measured. Fix: re-run `efficientbioai compress` with "
+        "quantize.overflow_fix: all_layers (the default), or use backend: onnxruntime (fp32)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 class Artifact:
     """An artifact directory and its manifest: checksums, engines, the original model."""
 
@@ -264,6 +284,8 @@ class Artifact:
                 )
             self.verify("openvino/")
             precision = m.precision if m.precision == "int8" else ov.requested_precision
+            if m.precision == "int8":
+                warn_if_int8_saturates(m)
             engine = OpenVINOEngine(
                 self.directory / ov.path, precision, threads, ov.device or "CPU", hint=hint
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,30 @@ from .manifests import manifest_stub
 CPUINFO = Path("/proc/cpuinfo")
 
 
+# what an ISA cap (OV_CPU_MAX_ISA / ONEDNN_MAX_CPU_ISA, as the AVX2 pass of .ci/run sets) takes away, written
+# out here independently of efficientbioai.cpu
+_CAP_REMOVES = {
+    "AVX2": {"avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16"},
+    "AVX512_CORE": {"avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16"},
+    "AVX512_CORE_VNNI": {"avx_vnni", "avx512_bf16", "avx512_fp16"},
+}
+_AMX = {"amx_tile", "amx_int8", "amx_bf16", "amx_fp16"}
+
+
 def _proc_flags() -> set[str]:
+    """The CPU's flags as the runtimes may use them: /proc/cpuinfo less what an ISA cap removes."""
+    flags: set[str] = set()
     for line in CPUINFO.read_text().splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+            flags = set(value.split())
+            break
+    for var in ("OV_CPU_MAX_ISA", "ONEDNN_MAX_CPU_ISA"):
+        cap = os.environ.get(var, "").strip().upper()
+        if cap:
+            assert cap in _CAP_REMOVES, f"{var}={cap}: add what it removes to _CAP_REMOVES"
+            flags -= _CAP_REMOVES[cap] | _AMX
+    return flags
 
 
 def _proc_model() -> str | None:

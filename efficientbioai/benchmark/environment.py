@@ -11,23 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-# /proc/cpuinfo flags that matter for compressed inference, with the names reports use
-CPU_FLAGS = {
-    "avx2": "AVX2",
-    "fma": "FMA",
-    "avx512f": "AVX-512",
-    "avx512_vnni": "AVX-512 VNNI",
-    "avx_vnni": "AVX-VNNI",
-    "avx512_bf16": "AVX-512 BF16",
-    "avx512_fp16": "AVX-512 FP16",
-    "amx_tile": "AMX",
-    "amx_int8": "AMX-INT8",
-    "amx_bf16": "AMX-BF16",
-    "amx_fp16": "AMX-FP16",
-    "asimd": "NEON",
-    "asimddp": "NEON dot product",
-    "sve": "SVE",
-}
+from efficientbioai.cpu import cpu_flags, describe_cap, read_cpuinfo
 
 PACKAGES = (
     "efficientbioai",
@@ -47,16 +31,7 @@ PACKAGES = (
 
 
 def cpu_info() -> dict[str, Any]:
-    model, flags = None, set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model is None:  # the first core's (x86; some ARM kernels too)
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:  # x86 / ARM
-                flags = set(value.split())
-    model = model or platform.processor() or "unknown"
+    model, raw = read_cpuinfo()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS / Windows
@@ -66,7 +41,9 @@ def cpu_info() -> dict[str, Any]:
         "architecture": platform.machine(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable,
-        "flags": {name: (flag in flags) for flag, name in CPU_FLAGS.items()},
+        # what the runtimes may use: the CPU's flags under OV_CPU_MAX_ISA / ONEDNN_MAX_CPU_ISA, if set
+        "flags": cpu_flags(raw),
+        "isa_cap": describe_cap(),
         "openvino_capabilities": openvino_capabilities(),
     }
 

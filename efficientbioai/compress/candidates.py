@@ -31,6 +31,7 @@ from efficientbioai.compress.progress import log
 from efficientbioai.compress.prune import count_parameters, fine_tune, prune
 from efficientbioai.compress.quantize import quantize_int8, quantize_int8_accuracy_control
 from efficientbioai.config import ExportConfig, FidelityConfig, PruneConfig, QuantizeConfig
+from efficientbioai.cpu import cpu_record
 from efficientbioai.engines import (
     OnnxRuntimeEngine,
     OpenVINOEngine,
@@ -307,6 +308,9 @@ def _quantize(c: Candidate, ov_model, ctx: BuildContext):
         "preset": q.preset,
         "per_channel": q.per_channel,
         "fast_bias_correction": q.fast_bias_correction,
+        # the weights' headroom against saturating int8 sums (x86 without VNNI): infer warns where it matters
+        "overflow_fix": q.overflow_fix,
+        "compressed_on": cpu_record(),
         "keep_float": q.keep_float,
         "keep_float_types": q.keep_float_types,
         "calibration_tiles": len(tiles),

@@ -14,6 +14,9 @@ import numpy as np
 from efficientbioai.config import QuantizeConfig
 from efficientbioai.errors import ConfigError, ExportError
 
+OVERFLOW_FIX = {"all_layers": "enable", "first_layer": "first_layer_only", "none": "disable"}
+"""``quantize.overflow_fix`` → NNCF's ``OverflowFix`` value."""
+
 
 def layer_names(
     ov_model, types: tuple[str, ...] = ("Convolution", "ConvolutionBackpropData", "MatMul")
@@ -24,7 +27,11 @@ def layer_names(
 
 def _common(ov_model, tiles: list[np.ndarray], cfg: QuantizeConfig):
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        OverflowFix,
+        QuantizationParameters,
+    )
 
     if not tiles:
         raise ConfigError("calibration: no tiles to calibrate the quantizer", "give calibration.images")
@@ -49,6 +56,7 @@ def _common(ov_model, tiles: list[np.ndarray], cfg: QuantizeConfig):
             patterns=list(cfg.keep_float), types=list(cfg.keep_float_types), validate=False
         ),
         "advanced": AdvancedQuantizationParameters(
+            overflow_fix=OverflowFix(OVERFLOW_FIX[cfg.overflow_fix]),
             weights_quantization_params=QuantizationParameters(per_channel=cfg.per_channel)
         ),
     }

@@ -246,6 +246,14 @@ class QuantizeConfig(StrictConfig):
         True, description="int8: per-channel (true) or per-tensor (false) weight scales"
     )
     fast_bias_correction: bool = Field(True, description="int8: NNCF's fast bias correction")
+    overflow_fix: Literal["all_layers", "first_layer", "none"] = Field(
+        "all_layers",
+        description="int8 on CPUs (OpenVINO): x86 CPUs without VNNI (AVX2-only, AVX-512 without VNNI) sum "
+        "int8 products in saturating 16 bits. all_layers (default) quantizes weights to 7 bits in every "
+        "layer (NNCF's overflow fix), so the engine gives the same result on every CPU; first_layer (NNCF's "
+        "default) only in the first: slightly more accurate where every CPU that runs the artifact has "
+        "VNNI or AMX, much less accurate elsewhere (infer warns there); none: no headroom",
+    )
     keep_float: list[str] = Field(
         default_factory=list,
         description="int8: layers kept in float, as regular expressions over layer names "

@@ -10,7 +10,7 @@ Nothing here imports a heavy library just to read its version (``importlib.metad
 only to ask CUDA about the GPU, and OpenVINO to ask which precisions it optimises for.
 """
 
-from efficientbioai.benchmark.environment import CPU_FLAGS
+from efficientbioai.cpu import CPU_FLAGS
 from efficientbioai.doctor.machine import cpu_advice, gpu_report, has_gpu, library_versions, rapl_status
 from efficientbioai.doctor.needs import Need, config_needs
 from efficientbioai.doctor.report import DoctorReport, diagnose

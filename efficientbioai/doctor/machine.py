@@ -146,7 +146,8 @@ def cpu_advice(flags: dict[str, bool], architecture: str) -> list[str]:
     elif f.get("AVX2"):
         lines.append(
             "int8: no VNNI dot-product instructions: int8 still runs, but usually gains less than 2× "
-            "over fp32; try bf16/fp32 too"
+            "over fp32; try bf16/fp32 too. Its 16-bit sums saturate: artifacts compressed with "
+            "quantize.overflow_fix: first_layer lose accuracy here (the default, all_layers, does not)"
         )
     else:
         lines.append("int8: no AVX2: OpenVINO's fast CPU kernels need at least AVX2; expect slow engines")

@@ -60,6 +60,8 @@ class DoctorReport:
         out.append(f"  instructions     {', '.join(on) or 'none of note'}")
         if c["architecture"].lower() in ("x86_64", "amd64") and off:
             out.append(f"  not present      {', '.join(off)}")
+        if c.get("isa_cap"):
+            out.append(f"  ISA capped by    {c['isa_cap']} (the lines above: what the runtimes may use)")
         caps = ", ".join(c.get("openvino_capabilities") or []) or "-"
         out.append(f"  OpenVINO sees    {caps}")
         g = self.gpu
