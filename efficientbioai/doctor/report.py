@@ -59,7 +59,8 @@ class DoctorReport:
         off = [n for n, v in c["flags"].items() if not v and n in _X86_SHOWN]
         out.append(f"  instructions     {', '.join(on) or 'none of note'}")
         if c["architecture"].lower() in ("x86_64", "amd64") and off:
-            out.append(f"  not present      {', '.join(off)}")
+            label = "not usable" if c.get("isa_cap") else "not present"
+            out.append(f"  {label:<16} {', '.join(off)}")
         if c.get("isa_cap"):
             out.append(f"  ISA capped by    {c['isa_cap']} (the lines above: what the runtimes may use)")
         caps = ", ".join(c.get("openvino_capabilities") or []) or "-"
