@@ -85,8 +85,25 @@ class InputSpec(_Part):
 
 
 class OutputSpec(_Part):
+    """The network's output as the engines return it, and the outputs it holds.
+
+    ``channels`` are the engine's (packed) channels. ``outputs`` lists the network's own outputs (name,
+    channels, per-axis ``scale`` and ``offset``, ``packed_channels``: [start, stop)); see
+    :mod:`efficientbioai.models.outputs`. Empty: one output, of the input's size.
+    """
+
     channels: int
     postprocessing: list[dict[str, Any]] = []
+    outputs: list[dict[str, Any]] = []
+
+    @property
+    def packed(self) -> bool:
+        """Whether the engine's tensor holds several outputs, or one at another scale or size."""
+        o = self.outputs
+        return len(o) > 1 or (len(o) == 1 and (any(s != 1 for s in o[0]["scale"]) or any(o[0]["offset"])))
+
+    def names(self) -> list[str]:
+        return [o["name"] for o in self.outputs] or ["output"]
 
 
 class EngineEntry(_Open):

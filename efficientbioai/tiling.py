@@ -83,7 +83,10 @@ class TileGrid:
         halo: Sequence[int] | None = None,
         tile_min: Sequence[int] | None = None,
         tile_step: Sequence[int] | None = None,
+        align: Sequence[int] | None = None,
     ) -> TileGrid:
+        """``align``: tiles start on multiples of it per axis (outputs at 1/k of the input's scale need
+        tiles that start on their k×k blocks); the image's size must then be a multiple of it."""
         ndim = len(image_shape)
         if len(tile) != ndim:
             raise ConfigError(
@@ -95,8 +98,17 @@ class TileGrid:
         halo = tuple(int(h) for h in (halo or [0] * ndim))
         tile_min = tuple(tile_min or [1] * ndim)
         tile_step = tuple(tile_step or [1] * ndim)
+        align = tuple(align or [1] * ndim)
         tiles, starts = [], []
-        for s, t, h, m, st in zip(image_shape, tile, halo, tile_min, tile_step, strict=True):
+        for axis, (s, t, h, m, st, a) in enumerate(
+            zip(image_shape, tile, halo, tile_min, tile_step, align, strict=True)
+        ):
+            if a > 1 and (s % a or h % a or t % a):
+                raise ConfigError(
+                    f"the image's size {s} along spatial axis {axis} (tile {t}, halo {h}) is not a multiple "
+                    f"of {a}, which an output at 1/{a} of the input's scale needs",
+                    f"crop or pad the image to a multiple of {a} along that axis",
+                )
             if t - 2 * h < 1:
                 raise ConfigError(
                     f"tiling.tile_shape: {list(tile)} leaves nothing inside the model's halo {list(halo)}",
@@ -105,7 +117,7 @@ class TileGrid:
             if s + 2 * h < t:  # the image is smaller than a tile: shrink it to what covers the image
                 t = max(round_up(s + 2 * h, m, st), m)
             inner = t - 2 * h
-            step = max(1, int(inner * (1 - overlap)))
+            step = max(a, int(inner * (1 - overlap)) // a * a)
             n = 1 if s <= inner else 1 + -(-(s - inner) // step)
             starts.append(tuple(min(i * step, max(s - inner, 0)) for i in range(n)))
             tiles.append(t)

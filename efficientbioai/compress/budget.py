@@ -17,14 +17,25 @@ from efficientbioai.config import FidelityConfig, MaxDropConfig
 class Budget:
     """``quantize.max_drop`` measured the same way for every candidate."""
 
-    def __init__(self, max_drop: MaxDropConfig, fidelity: FidelityConfig):
+    def __init__(
+        self,
+        max_drop: MaxDropConfig,
+        fidelity: FidelityConfig,
+        outputs: list[tuple[str, slice]] | None = None,
+    ):
         self.md = max_drop
         self.fidelity = fidelity
+        self.outputs = outputs  # (name, packed channels) per output: the worst output decides
 
     def metric(self, outs: np.ndarray, refs: np.ndarray) -> float:
-        """Higher is better: Pearson r to the original's outputs, or the task metric against targets."""
+        """Higher is better: Pearson r to the original's outputs (the worst output's, with several), or the
+        task metric of the first output against targets."""
         if self.md.metric == "pearson":
+            if self.outputs:
+                return min(metrics.pearson(outs[:, sl], refs[:, sl]) for _, sl in self.outputs)
             return metrics.pearson(outs, refs)
+        if self.outputs:
+            outs = outs[:, self.outputs[0][1]]
         if self.fidelity.task == "semantic":
             return metrics.iou(outs > self.fidelity.threshold, refs > 0.5)
         return metrics.pearson(outs, refs)
@@ -48,6 +59,8 @@ class Budget:
         return f"{what} ≤ {self.md.value:g}" + (" (relative)" if self.md.type == "relative" else "")
 
 
-def budget_from(max_drop: MaxDropConfig | None, fidelity: FidelityConfig) -> Budget | None:
+def budget_from(
+    max_drop: MaxDropConfig | None, fidelity: FidelityConfig, outputs: list[tuple[str, slice]] | None = None
+) -> Budget | None:
     """The budget of ``quantize.max_drop``, or None when it is null (no budget is checked)."""
-    return Budget(max_drop, fidelity) if max_drop is not None else None
+    return Budget(max_drop, fidelity, outputs) if max_drop is not None else None

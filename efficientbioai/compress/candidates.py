@@ -269,7 +269,9 @@ def build_candidate(c: Candidate, ctx: BuildContext) -> None:
         c.fidelity = {
             "tiles": len(ctx.data.holdout.inputs),
             "background_tiles": ctx.data.holdout.background,
-            **fidelity_figures(ctx.reference.outputs, out, ctx.reference.targets, ctx.fidelity),
+            **fidelity_figures(
+                ctx.reference.outputs, out, ctx.reference.targets, ctx.fidelity, ctx.loaded.outputs
+            ),
         }
         c.latency = median_latency_ms(engine, ctx.example, repeats=ctx.latency_repeats)
         c.engine = engine.describe()

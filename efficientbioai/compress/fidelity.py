@@ -44,18 +44,50 @@ def measure_original(loaded: LoadedModel, holdout: Tiles, threads: int, latency_
     return Reference(engine, outputs, targets, latency)
 
 
+def output_slices(outputs: list[dict[str, Any]] | None) -> list[tuple[str, slice]] | None:
+    """(name, packed channels) per output of a network with several outputs; None for one output."""
+    if not outputs or len(outputs) < 2:
+        return None
+    return [(o["name"], slice(*o["packed_channels"])) for o in outputs]
+
+
 def fidelity_figures(
     ref: np.ndarray,
     out: np.ndarray,
     targets: np.ndarray | None,
     fid: FidelityConfig,
+    outputs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Compressed outputs ``out`` against the original's ``ref`` (and both against ``targets``)."""
+    """Compressed outputs ``out`` against the original's ``ref`` (and both against ``targets``).
+
+    With several ``outputs`` (the manifest's records) every output is compared on its own and the worst
+    one gives the figures (lowest Pearson r, highest relative L2): ``outputs`` lists each one's figures,
+    ``worst_output`` names it. Targets are compared with the first output.
+    """
+    slices = output_slices(outputs)
     fig: dict[str, Any] = {
         "relative_l2": metrics.relative_l2(out, ref),
         "pearson": metrics.pearson(out, ref),
         "max_abs_diff": float(np.abs(out - ref).max()),
     }
+    if slices is not None:
+        per = {
+            name: {
+                "pearson": metrics.pearson(out[:, sl], ref[:, sl]),
+                "relative_l2": metrics.relative_l2(out[:, sl], ref[:, sl]),
+                "max_abs_diff": float(np.abs(out[:, sl] - ref[:, sl]).max()),
+            }
+            for name, sl in slices
+        }
+        worst = min(per, key=lambda n: per[n]["pearson"])
+        fig = {
+            "pearson": per[worst]["pearson"],
+            "relative_l2": max(v["relative_l2"] for v in per.values()),
+            "max_abs_diff": max(v["max_abs_diff"] for v in per.values()),
+            "worst_output": worst,
+            "outputs": per,
+        }
+        out, ref = out[:, slices[0][1]], ref[:, slices[0][1]]
     if fid.task == "semantic":
         fig["mask_iou"] = metrics.iou(out > fid.threshold, ref > fid.threshold)
     if targets is not None and fid.task is not None:

@@ -39,7 +39,13 @@ from efficientbioai.compress.calibration import (
     sample_calibration,
 )
 from efficientbioai.compress.candidates import BuildContext, Candidate, parameter_count
-from efficientbioai.compress.fidelity import Reference, fidelity_figures, measure_original, package_test
+from efficientbioai.compress.fidelity import (
+    Reference,
+    fidelity_figures,
+    measure_original,
+    output_slices,
+    package_test,
+)
 from efficientbioai.compress.progress import log
 from efficientbioai.compress.prune import check_prunable
 from efficientbioai.compress.strategy import search
@@ -121,7 +127,7 @@ def _build(
         loaded=loaded,
         data=data,
         reference=reference,
-        budget=budget_from(cfg.quantize.max_drop, cfg.fidelity),
+        budget=budget_from(cfg.quantize.max_drop, cfg.fidelity, output_slices(loaded.outputs)),
         quantize=cfg.quantize,
         fidelity=cfg.fidelity,
         export=cfg.export,
@@ -182,7 +188,7 @@ def _tensorrt_target(cfg: CompressConfig, ctx: BuildContext, chosen: Candidate) 
         ctx.data.holdout.inputs,
         ref_out,
         lambda engine, tiles: run_tiles(engine, tiles, loaded),
-        lambda out: fidelity_figures(ref_out, out, None, cfg.fidelity),
+        lambda out: fidelity_figures(ref_out, out, None, cfg.fidelity, loaded.outputs),
         ctx.threads,
         quiet=ctx.quiet,
         log=lambda msg: log(msg, ctx.quiet),
@@ -216,7 +222,11 @@ def _manifest(
             halo=loaded.halo,
             preprocessing=loaded.preprocessing,
         ),
-        output=OutputSpec(channels=int(ref.outputs.shape[1]), postprocessing=loaded.postprocessing),
+        output=OutputSpec(
+            channels=int(ref.outputs.shape[1]),
+            postprocessing=loaded.postprocessing,
+            outputs=loaded.outputs or [],
+        ),
         precision=chosen.precision,
         transformations=chosen.steps,
         engines=engines,

@@ -57,7 +57,7 @@ def _common(ov_model, tiles: list[np.ndarray], cfg: QuantizeConfig):
         ),
         "advanced": AdvancedQuantizationParameters(
             overflow_fix=OverflowFix(OVERFLOW_FIX[cfg.overflow_fix]),
-            weights_quantization_params=QuantizationParameters(per_channel=cfg.per_channel)
+            weights_quantization_params=QuantizationParameters(per_channel=cfg.per_channel),
         ),
     }
 

@@ -37,6 +37,12 @@ def result_table(m: Manifest, output: Path) -> str:
         f"fidelity on {fid['tiles']} held-out tiles: Pearson r {fid['pearson']:.5f}, relative L2 "
         f"{fid['relative_l2']:.4g}" + (f", mask IoU {fid['mask_iou']:.4f}" if "mask_iou" in fid else "")
     )
+    if fid.get("outputs"):  # several outputs: each one, and which decided
+        lines.append(
+            "per output (Pearson r vs original): "
+            + ", ".join(f"{n} {v['pearson']:.5f}" for n, v in fid["outputs"].items())
+            + f"; the worst, {fid['worst_output']}, decides the figures above and the budget"
+        )
     lines.append(budget_line(m))
     pt = m.package_test
     if pt:

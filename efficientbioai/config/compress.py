@@ -54,6 +54,17 @@ class ModelConfig(StrictConfig):
         None, description="pixels per spatial axis at each tile border that are not trusted (default 0)"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="free-form options for your own parser")
+    outputs: list[str] | None = Field(
+        None,
+        description="names for the network's outputs, in the order forward() returns them (default: the "
+        "keys of a returned dict, else output0, output1, …; one output is 'output'); infer writes each "
+        "as <image>_<name>",
+    )
+    drop_outputs: list[str] = Field(
+        default_factory=list,
+        description="outputs left out of the artifact by name, e.g. a per-image style vector, which cannot be "
+        "tiled",
+    )
 
     @field_validator("axes")
     @classmethod

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from efficientbioai.artifact import InputSpec
+from efficientbioai.artifact import InputSpec, OutputSpec
 from efficientbioai.config import InferConfig
 from efficientbioai.errors import ConfigError, EfficientBioAIError
-from efficientbioai.io import expand_paths, lazy_model_layout, output_path, read_axes, read_image
+from efficientbioai.io import expand_paths, lazy_model_layout, output_path, read_axes, read_image, write_image
 from efficientbioai.io.cache import ChunkCache, cached
 from efficientbioai.io.layout import LazyLayout
+from efficientbioai.packing import unpack
 
 
 def split_batch(image, axes: str | None, source: str) -> list:
@@ -128,3 +130,48 @@ def labels_path(output: Path) -> Path:
         if name.lower().endswith(suffix):
             return output.with_name(name[: -len(suffix)] + "_labels" + name[-len(suffix) :])
     return output.with_name(name + "_labels")
+
+
+def output_files(output: Path, spec: OutputSpec) -> list[Path]:
+    """The files an image's result is written to: ``output`` itself, or ``<stem>_<name>`` per output of a
+    network with several outputs, with ``output``'s suffix."""
+    if len(spec.outputs) <= 1:  # one output, at any scale: the image's output file
+        return [output]
+    name = output.name
+    for suffix in (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".zarr", ".npy"):
+        if name.lower().endswith(suffix):
+            return [
+                output.with_name(f"{name[: -len(suffix)]}_{n}{name[-len(suffix) :]}") for n in spec.names()
+            ]
+    return [output.with_name(f"{name}_{n}") for n in spec.names()]
+
+
+def unpack_outputs(packed: list[np.ndarray], spec: OutputSpec, ndim: int) -> dict[str, np.ndarray]:
+    """Each output (by name) from the stitched packed outputs of an image's samples: (C, *spatial), the
+    channel axis dropped for one channel, samples stacked first when there are several."""
+    out = {}
+    for record in spec.outputs:
+        parts = [unpack(p, record, ndim) for p in packed]
+        parts = [x[0] if x.shape[0] == 1 else x for x in parts]
+        out[record["name"]] = np.stack(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
+def write_outputs(
+    output: Path,
+    named: dict[str, np.ndarray],
+    model_axes: str,
+    several: bool,
+    pixel_size: dict[str, Any],
+    spec: OutputSpec,
+) -> list[Path]:
+    """Write each output to its file (see :func:`output_files`), pixel sizes divided by its scale."""
+    spatial_axes = model_axes[2:]
+    paths = output_files(output, spec)
+    for path, record in zip(paths, spec.outputs, strict=True):
+        array = named[record["name"]]
+        axes = ("c" if array.ndim > len(spatial_axes) + several else "") + spatial_axes
+        scale = dict(zip(spatial_axes, record["scale"], strict=True))
+        sizes = {a: (v[0] / scale.get(a, 1), *v[1:]) for a, v in pixel_size.items()}
+        write_image(path, array, axes=None if several else axes, pixel_size=sizes)
+    return paths

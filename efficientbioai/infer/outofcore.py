@@ -29,7 +29,14 @@ AUTO_FACTOR = 4
 
 
 def use_out_of_core(
-    mode: str, output: Path, voxels: int, channels: int, band_bytes: int, post, compare: bool
+    mode: str,
+    output: Path,
+    voxels: int,
+    channels: int,
+    band_bytes: int,
+    post,
+    compare: bool,
+    packed: bool = False,
 ) -> bool:
     """Whether an image goes out of core (``tiling.out_of_core``; see :class:`TilingConfig`).
 
@@ -53,8 +60,14 @@ def use_out_of_core(
                 "holds both whole outputs in memory)",
                 "set compare_with_original: false, or tiling.out_of_core: auto",
             )
+        if packed:
+            raise ConfigError(
+                "tiling.out_of_core: true: this artifact's network has several outputs (or one at another "
+                "scale), which are written from memory only so far",
+                "set tiling.out_of_core: auto or false (the image's outputs must fit in memory)",
+            )
         return True
-    if whole_post or compare:
+    if whole_post or compare or packed:
         return False
     return output.suffix.lower() == ".zarr" or voxels * channels * 4 > AUTO_FACTOR * band_bytes
 

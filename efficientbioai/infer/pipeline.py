@@ -27,10 +27,13 @@ from efficientbioai.infer.images import (
     cache_note,
     labels_path,
     open_samples,
+    output_files,
     output_paths,
     read_cache_bytes,
     read_target,
     target_files,
+    unpack_outputs,
+    write_outputs,
 )
 from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
 from efficientbioai.infer.outofcore import fingerprint, output_layout, predict_to_output, use_out_of_core
@@ -77,6 +80,12 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             "outputs in memory on one machine)",
             "set compare_with_original: false, or remove the distributed section",
         )
+    if cfg.distributed is not None and manifest.output.packed:
+        raise ConfigError(
+            "distributed: this artifact's network has several outputs (or one at another scale), which "
+            f"are written from memory only so far ({', '.join(manifest.output.names())})",
+            "remove the distributed section (each image's outputs must fit in memory)",
+        )
     from efficientbioai.infer.gpu import choose_backend, nvml_index
 
     backend, why = choose_backend(manifest, cfg.backend)
@@ -119,13 +128,15 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             spatial = tuple(images[0].shape[1:])
             voxels = int(np.prod(spatial)) * len(images)
             record = ImageRecord(path, opath, tuple(raw.shape), "done")
-            if opath.exists() and not cfg.overwrite:
+            written = output_files(opath, manifest.output)
+            if all(p.exists() for p in written) and not cfg.overwrite:
                 _log(
-                    f"[{k + 1}/{len(files)}] {path.name}: {opath} exists, skipped (overwrite: true recomputes)",
+                    f"[{k + 1}/{len(files)}] {path.name}: {written[0]} exists, skipped (overwrite: true "
+                    "recomputes)",
                     quiet,
                 )
                 record.status = "exists"
-                existing = np.asarray(read_image(opath), np.float32)
+                existing = np.asarray(read_image(written[0]), np.float32)
                 target = read_target(tpath, existing.shape, model_axes) if tpath else None
                 record.runs.append(
                     RunRecord(
@@ -148,6 +159,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 band_bytes,
                 predictors[0].post,
                 compare=len(engines) > 1,
+                packed=manifest.output.packed,
             ):
                 predictor = predictors[0]
                 if 0 not in warmed:
@@ -205,7 +217,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     run.metrics = score(task, written, target, cfg.threshold, cfg.instance)
                 records.append(record)
                 continue
-            outputs = []
+            outputs, packed = [], []
             for e_idx, (engine, predictor) in enumerate(zip(engines, predictors, strict=True)):
                 if e_idx not in warmed:
                     predictor.warm_up(images[0].shape[0])
@@ -223,6 +235,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     else _squeeze_channel(preds[0].output)
                 )
                 outputs.append(out)
+                packed.append(preds)
                 run = RunRecord(
                     engine.label,
                     sum(p.seconds for p in preds),
@@ -236,16 +249,28 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 for p in preds:
                     if p.localization is not None and e_idx == 0:
                         _log(f"  {path.name}: {localization_note(p)}", quiet)
+            if manifest.output.packed:  # several outputs, or one at another scale: a file per output
+                named = [
+                    unpack_outputs([p.output for p in run_preds], manifest.output, len(model_axes) - 2)
+                    for run_preds in packed
+                ]
+                record.output = write_outputs(
+                    opath, named[0], model_axes, len(images) > 1, read_pixel_size(path), manifest.output
+                )[0]
+                outputs = [next(iter(n.values())) for n in named]  # the first output is scored
             out_axes = ("b" if len(images) > 1 else "") + (
                 ("c" if outputs[0].ndim > len(model_axes) - 2 + (len(images) > 1) else "") + model_axes[2:]
             )
-            write_image(  # no b in TIFF/OME axes; the input's pixel sizes carried over
-                opath,
-                outputs[0],
-                axes=None if "b" in out_axes else out_axes,
-                pixel_size=read_pixel_size(path),
-            )
-            if wants_labels(cfg.instance, task, several=outputs[0].ndim != len(model_axes) - 2):
+            if not manifest.output.packed:
+                write_image(  # no b in TIFF/OME axes; the input's pixel sizes carried over
+                    opath,
+                    outputs[0],
+                    axes=None if "b" in out_axes else out_axes,
+                    pixel_size=read_pixel_size(path),
+                )
+            if not manifest.output.packed and wants_labels(
+                cfg.instance, task, several=outputs[0].ndim != len(model_axes) - 2
+            ):
                 labels = metrics.instances_from_probability(
                     outputs[0], cfg.threshold, cfg.instance.method, cfg.instance.min_size
                 )
@@ -259,6 +284,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     "pearson": metrics.pearson(outputs[0], outputs[1]),
                     "relative_l2": metrics.relative_l2(outputs[0], outputs[1]),
                 }
+                if manifest.output.packed:  # every output against the original's, by name
+                    record.agreement = {
+                        f"pearson {name}": metrics.pearson(named[0][name], named[1][name])
+                        for name in named[0]
+                    }
             records.append(record)
     finally:
         for e in engines:

@@ -22,6 +22,7 @@ from efficientbioai.engines import Engine
 from efficientbioai.errors import EfficientBioAIError
 from efficientbioai.infer.merge import InMemoryMerger, Merger
 from efficientbioai.localize import SampleLocalizer, uncovered_fraction
+from efficientbioai.packing import alignment
 from efficientbioai.processing import apply_steps, fix_statistics
 from efficientbioai.tiling import (
     Tile,
@@ -107,6 +108,7 @@ class Predictor:
     skip_background: bool = False
     background_threshold: float | None = None
     localizer: Any = None  # efficientbioai.localize.SampleLocalizer: skip the tiles outside the sample
+    align: Sequence[int] | None = None  # tiles start on multiples of it (outputs at 1/k of the scale)
 
     @classmethod
     def from_artifact(
@@ -146,6 +148,7 @@ class Predictor:
             skip_background=tiling.background.skip,
             background_threshold=tiling.background.threshold,
             localizer=sample_localizer(tiling.localize),
+            align=alignment(manifest.output.outputs, inp.ndim) if manifest.output.packed else None,
         )
 
     def grid(self, spatial_shape: Sequence[int]) -> TileGrid:
@@ -156,6 +159,7 @@ class Predictor:
             halo=self.halo,
             tile_min=self.tile_min,
             tile_step=self.tile_step,
+            align=self.align,
         )
 
     def warm_up(self, channels: int) -> None:

@@ -62,6 +62,9 @@ class LoadedModel:
     sample_inputs: list[np.ndarray] = field(default_factory=list)
     sample_outputs: list[np.ndarray] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
+    # the network's outputs (efficientbioai.models.outputs.records): name, channels, scale, offset and the
+    # channels each occupies in the one packed tensor the module returns; None: probed by load_model
+    outputs: list[dict[str, Any]] | None = None
 
     @property
     def spatial_axes(self) -> str:
@@ -216,7 +219,9 @@ def complete(loaded: LoadedModel, config: ModelConfig) -> LoadedModel:
         if loaded.in_channels is None:
             loaded.in_channels = infer_in_channels(loaded.module, loaded.ndim)
     loaded.in_channels = loaded.in_channels or 1
-    if loaded.tile_step is None:
+    if loaded.outputs is None:
+        _describe_outputs(loaded, config)
+    elif loaded.tile_step is None:
         from efficientbioai.engines import reference_engine
 
         with reference_engine(loaded) as run:
@@ -230,6 +235,74 @@ def complete(loaded: LoadedModel, config: ModelConfig) -> LoadedModel:
     loaded.halo = loaded.halo or [0] * loaded.ndim
     loaded.source.setdefault("kind", config.kind)
     return loaded
+
+
+def _run_all(loaded: LoadedModel):
+    """``x → [every output as a NumPy array]`` for the loaded network (PyTorch or ONNX Runtime)."""
+    from efficientbioai.models.outputs import flatten_outputs
+
+    if loaded.module is not None:
+        import torch
+
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            with torch.inference_mode():
+                return [o.float().numpy() for o in flatten_outputs(loaded.module(torch.from_numpy(x)))]
+
+        return run
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: [np.asarray(o) for o in session.run(None, {name: x})]
+
+
+def _describe_outputs(loaded: LoadedModel, config: ModelConfig) -> None:
+    """Probe every output (scale, border, spatial or not); pack them into one tensor where needed.
+
+    A network with one output of its input's size is left as it is. Otherwise the PyTorch module is
+    wrapped (:func:`~efficientbioai.models.outputs.pack_module`) so that every engine sees one tensor, and
+    the halo and tile step grow to what the outputs need. ONNX-only networks cannot be wrapped yet.
+    """
+    from efficientbioai.models import outputs as out
+
+    inputs = out.required_inputs(loaded.module) if loaded.module is not None else []
+    if len(inputs) > 1:
+        raise ModelLoadError(
+            f"the network's forward() takes {len(inputs)} inputs ({', '.join(inputs)}): networks with several "
+            "inputs are not supported yet (each tile is one image tensor)",
+            "wrap the network in a module whose forward(x) takes one tensor (e.g. the image, with the other "
+            "inputs as channels or fixed tensors), and name that module's factory in model.factory",
+        )
+    run = _run_all(loaded)
+    steps = list(loaded.tile_step) if loaded.tile_step is not None else None
+    step, sizes, shapes = out.probe_outputs(run, loaded.ndim, loaded.in_channels, steps, loaded.tile_min)
+    example = None
+    if loaded.module is not None:
+        import torch
+
+        with torch.inference_mode():
+            example = loaded.module(torch.zeros(1, loaded.in_channels, *[s[0] for s in sizes]))
+    names = out.output_names(example, len(shapes), config.outputs)
+    described = out.describe_outputs(shapes, sizes, names, loaded.ndim)
+    kept = out.check_packable(described, config.drop_outputs)
+    loaded.tile_step = step
+    if len(described) == 1 and kept[0].plain:
+        loaded.outputs = out.records(kept)
+        return
+    if loaded.module is None:
+        raise ModelLoadError(
+            f"the ONNX network has {len(described)} output(s) "
+            f"({', '.join(f'{o.name}: scale {[str(s) for s in o.scale]}' for o in described)}): "
+            "several outputs, or outputs at another scale, are supported for PyTorch models only so far",
+            "compress the PyTorch model (kind torch / torchscript / monai), or export an ONNX file with one "
+            "output of the input's size",
+        )
+    index = [i for i, o in enumerate(described) if o.name not in config.drop_outputs]
+    loaded.module = out.pack_module(loaded.module, described, index, loaded.ndim)
+    loaded.halo = out.halo_for(kept, loaded.halo or [0] * loaded.ndim, loaded.ndim)
+    loaded.tile_step = out.step_for(kept, loaded.tile_step)
+    loaded.outputs = out.records(kept)
+    loaded.source["outputs"] = [o.name for o in described]
 
 
 def load_model(config: ModelConfig) -> tuple[BaseParser, LoadedModel]:
