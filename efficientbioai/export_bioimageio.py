@@ -313,6 +313,14 @@ def export_bioimageio(
 
     artifact = Path(artifact).expanduser()
     manifest = read_manifest(artifact)
+    if manifest.output.packed:
+        raise EfficientBioAIError(
+            f"{artifact}: the network has several outputs, or one at another scale or size "
+            f"({', '.join(manifest.output.names())}); its engines return them packed into one tensor, and "
+            "writing them back as separate bioimage.io output tensors is not supported yet",
+            "export a network with one output of its input's size, or use the artifact with "
+            "`efficientbioai infer`, which writes every output",
+        )
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
         raise EfficientBioAIError(

@@ -20,6 +20,7 @@ from efficientbioai.compress import compress
 from efficientbioai.config import InferConfig, validate_config
 from efficientbioai.errors import EfficientBioAIError
 from efficientbioai.infer import infer
+from efficientbioai.io import read_image
 from efficientbioai.metrics import pearson
 from efficientbioai.models.outputs import OutputTensor, describe_outputs, pack_module, probe_outputs
 from efficientbioai.packing import unpack, unpacked_shape
@@ -282,6 +283,25 @@ def test_every_output_matches_the_original_on_the_whole_image(tmp_path, images, 
         assert pearson(got, want) >= limit, (name, pearson(got, want))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", ["make_two_heads", "make_half_and_full", "make_super_res", "make_valid"])
+@pytest.mark.parametrize("fmt", ["tiff", "zarr"])
+def test_out_of_core_writes_every_output_as_in_memory_to_the_bit(tmp_path, images, factory, fmt):
+    art = _compress(tmp_path, images, factory, "fp32").output
+    base = {"model": str(art), "input": str(images / "img1.tif"), "output_format": fmt}
+    mem = {**base, "output": str(tmp_path / "mem"), "tiling": {"out_of_core": False}}
+    infer(validate_config(mem, InferConfig), quiet=True)
+    # a band of a few planes: the outputs are written in many slabs, each cut into every output's store
+    ooc = {**base, "output": str(tmp_path / "ooc"), "tiling": {"out_of_core": True, "band_memory_mb": 0.05}}
+    infer(validate_config(ooc, InferConfig), quiet=True)
+    names = sorted(p.name for p in (tmp_path / "mem").iterdir())
+    assert names and names == sorted(p.name for p in (tmp_path / "ooc").iterdir())  # nothing partial left
+    for name in names:
+        a = np.asarray(read_image(tmp_path / "mem" / name))
+        b = np.asarray(read_image(tmp_path / "ooc" / name))
+        assert a.shape == b.shape and np.array_equal(a, b), name
+
+
 def test_a_style_vector_is_refused_by_name_and_can_be_dropped(tmp_path, images):
     with pytest.raises(EfficientBioAIError) as err:
         _compress(tmp_path, images, "make_with_style", "fp32")
@@ -301,7 +321,7 @@ def test_two_inputs_are_refused_with_what_to_do(tmp_path, images):
 
 
 @pytest.mark.slow
-def test_cli_writes_a_file_per_output_and_refuses_out_of_core(tmp_path, images):
+def test_cli_writes_a_file_per_output_and_refuses_what_cannot_hold_them_yet(tmp_path, images):
     art = _compress(tmp_path, images, "make_two_heads", "int8").output
     raw = {"model": str(art), "input": str(images / "*.tif"), "output": str(tmp_path / "pred")}
     import yaml
@@ -319,8 +339,13 @@ def test_cli_writes_a_file_per_output_and_refuses_out_of_core(tmp_path, images):
     # a second run finds every output and skips the image
     again = run_cli("infer", "--config", str(tmp_path / "i.yaml"), cwd=tmp_path)
     assert again.returncode == 0 and "exists, skipped" in again.stderr
-    (tmp_path / "o.yaml").write_text(
-        yaml.safe_dump({**raw, "tiling": {"out_of_core": True}, "overwrite": True})
+    # Dask does not write several outputs yet: said before any work
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({**raw, "distributed": {}, "overwrite": True}))
+    proc = run_cli("infer", "--config", str(tmp_path / "d.yaml"), cwd=tmp_path)
+    assert (
+        proc.returncode == 2 and "several outputs" in proc.stderr and "remove the distributed" in proc.stderr
     )
-    proc = run_cli("infer", "--config", str(tmp_path / "o.yaml"), cwd=tmp_path)
-    assert proc.returncode == 2 and "several outputs" in proc.stderr and "out_of_core: auto" in proc.stderr
+    # a bioimage.io package cannot hold them yet either
+    pkg = tmp_path / "pkg"
+    proc = run_cli("export-bioimageio", "-a", str(art), "-o", str(pkg), "--license", "MIT", cwd=tmp_path)
+    assert proc.returncode == 2 and "several outputs" in proc.stderr and not pkg.exists()

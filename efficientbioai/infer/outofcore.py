@@ -23,6 +23,7 @@ from efficientbioai.errors import ConfigError
 from efficientbioai.infer.merge import BandMerger, Sink, choose_slab
 from efficientbioai.infer.predict import Plan, Prediction, Predictor, split_pointwise
 from efficientbioai.io import ChunkedOutput
+from efficientbioai.packing import scale_factors, unpack_region, unpacked_shape
 
 # float32 outputs larger than band_memory_mb × this factor go out of core when out_of_core is auto
 AUTO_FACTOR = 4
@@ -36,7 +37,6 @@ def use_out_of_core(
     band_bytes: int,
     post,
     compare: bool,
-    packed: bool = False,
 ) -> bool:
     """Whether an image goes out of core (``tiling.out_of_core``; see :class:`TilingConfig`).
 
@@ -60,14 +60,8 @@ def use_out_of_core(
                 "holds both whole outputs in memory)",
                 "set compare_with_original: false, or tiling.out_of_core: auto",
             )
-        if packed:
-            raise ConfigError(
-                "tiling.out_of_core: true: this artifact's network has several outputs (or one at another "
-                "scale), which are written from memory only so far",
-                "set tiling.out_of_core: auto or false (the image's outputs must fit in memory)",
-            )
         return True
-    if whole_post or compare or packed:
+    if whole_post or compare:
         return False
     return output.suffix.lower() == ".zarr" or voxels * channels * 4 > AUTO_FACTOR * band_bytes
 
@@ -103,6 +97,7 @@ def output_layout(
     inner: Sequence[int],
     band_bytes: int,
     block: Sequence[int] | None = None,
+    align: int = 1,
 ) -> OutputLayout:
     """The stored layout of a prediction: as ``infer`` writes it in memory (a size-1 channel axis
     dropped, a batch axis for several samples), chunked so that one chunk thickness of output plus a tile
@@ -112,6 +107,7 @@ def output_layout(
     batch, channel = samples > 1, channels > 1
     axes = ("c" if channel else "") + model_axes[2:]
     slab = choose_slab(spatial, inner, channels, band_bytes, largest=64 if ndim == 3 else 512)
+    slab = max(align, slab // align * align)  # outputs at 1/k of the scale are written in whole k-blocks
     rest = [min(256 if ndim == 3 else 512, n) for n in spatial[1:]]
     if block is not None:  # Dask: chunks must tile the blocks
         slab = int(np.gcd(slab, block[0]))
@@ -159,15 +155,97 @@ def fill_value(plans: Sequence[Plan]) -> float:
     return 0.0
 
 
+class PackedStores:
+    """The outputs of a network with several outputs (or one at another scale), written out of core.
+
+    The band merger flushes blocks of the packed tensor (see :mod:`efficientbioai.packing`); the sink
+    cuts each output's part out of every block (:func:`~efficientbioai.packing.unpack_region`) and writes
+    it to that output's own :class:`~efficientbioai.io.ChunkedOutput`, so each output equals, to the bit,
+    the one ``infer`` unpacks in memory. Progress marks stay with the packed run's (empty) store.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        spec: Any,  # the manifest's OutputSpec
+        spatial: Sequence[int],
+        packed: OutputLayout,
+        fingerprint: str,
+        pixel_size: dict[str, Any],
+        model_axes: str,
+    ):
+        self.records = list(spec.outputs)
+        self.spatial = tuple(spatial)
+        self.layouts: list[OutputLayout] = []
+        self.outputs: list[ChunkedOutput] = []
+        samples = packed.shape[0] if packed.batch else 1
+        spatial_axes = model_axes[2:]
+        for path, rec in zip(paths, self.records, strict=True):
+            up, down = scale_factors(rec)
+            shape = tuple(unpacked_shape(spatial, rec))
+            chunks = [
+                max(1, min(n, c * u // d))
+                for n, c, u, d in zip(shape, packed.chunks[packed.lead :], up, down, strict=True)
+            ]
+            batch, channel = samples > 1, rec["channels"] > 1
+            lead_shape = ((samples,) if batch else ()) + ((rec["channels"],) if channel else ())
+            lead_chunks = ((1,) if batch else ()) + ((rec["channels"],) if channel else ())
+            layout = OutputLayout(
+                lead_shape + shape,
+                None if batch else ("c" if channel else "") + spatial_axes,
+                lead_chunks + tuple(chunks),
+                int(batch) + int(channel),
+                batch,
+                channel,
+                chunks[0],
+            )
+            scale = dict(zip(spatial_axes, rec["scale"], strict=True))
+            self.layouts.append(layout)
+            self.outputs.append(
+                ChunkedOutput(
+                    path,
+                    layout.shape,
+                    np.float32,
+                    axes=layout.axes,
+                    chunks=layout.chunks,
+                    fingerprint=f"{fingerprint}:{rec['name']}",
+                    pixel_size={a: (v[0] / scale.get(a, 1), *v[1:]) for a, v in pixel_size.items()},
+                )
+            )
+
+    def create(self, fill_value: float) -> None:
+        for out in self.outputs:
+            out.create(fill_value)
+
+    def sink(self, sample: int) -> Sink:
+        def write(region: tuple[slice, ...], data: np.ndarray) -> None:
+            for rec, layout, out in zip(self.records, self.layouts, self.outputs, strict=True):
+                part = unpack_region(data, region, rec, self.spatial)
+                if part is not None:
+                    where, block = part
+                    out.array[layout.index(sample, where)] = block if layout.channel else block[0]
+
+        return write
+
+    def commit(self) -> list[Path]:
+        return [out.commit() for out in self.outputs]
+
+    def discard(self) -> None:
+        for out in self.outputs:
+            out.discard()
+
+
 def predict_to_output(
     predictor: Predictor,
     images: Sequence[Any],
     output: ChunkedOutput,
     layout: OutputLayout,
     progress: Any = None,
+    stores: PackedStores | None = None,
 ) -> list[Prediction]:
     """Predict each (C, *spatial) sample into ``output`` slab by slab, skipping slabs already recorded
-    there (a resumed run). Does not commit the output. Each prediction's seconds include its plan (the
+    there (a resumed run); with ``stores``, the slabs go to each output's store instead (``output`` keeps
+    the progress marks). Does not commit the output. Each prediction's seconds include its plan (the
     background statistics and sample localisation); the plans come first, for the output's fill value."""
     plans, seconds = [], []
     for image in images:
@@ -176,12 +254,14 @@ def predict_to_output(
         seconds.append(time.perf_counter() - t0)
     array = output.create(fill_value(plans))
     background = float(np.asarray(array.fill_value))  # a resumed store keeps its own
+    if stores is not None:  # the outputs get the same fill value: unwritten chunks mean the same there
+        stores.create(background)
     preds = []
     for i, (image, plan) in enumerate(zip(images, plans, strict=True)):
         merger = BandMerger(
             plan.grid,
             predictor.out_channels,
-            layout.sink(array, i),
+            layout.sink(array, i) if stores is None else stores.sink(i),
             layout.slab,
             predictor.blend,
             done=output.done(i),

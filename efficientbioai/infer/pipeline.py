@@ -36,7 +36,13 @@ from efficientbioai.infer.images import (
     write_outputs,
 )
 from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
-from efficientbioai.infer.outofcore import fingerprint, output_layout, predict_to_output, use_out_of_core
+from efficientbioai.infer.outofcore import (
+    PackedStores,
+    fingerprint,
+    output_layout,
+    predict_to_output,
+    use_out_of_core,
+)
 from efficientbioai.infer.predict import Prediction, Predictor
 from efficientbioai.infer.results import ImageRecord, InferResult, RunRecord, localization_note, score
 from efficientbioai.io import ChunkedOutput, expand_paths, read_image, read_pixel_size, write_image
@@ -159,14 +165,19 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 band_bytes,
                 predictors[0].post,
                 compare=len(engines) > 1,
-                packed=manifest.output.packed,
             ):
                 predictor = predictors[0]
                 if 0 not in warmed:
                     predictor.warm_up(images[0].shape[0])
                     warmed.add(0)
                 layout = output_layout(
-                    spatial, model_axes, out_channels, len(images), predictor.grid(spatial).inner, band_bytes
+                    spatial,
+                    model_axes,
+                    out_channels,
+                    len(images),
+                    predictor.grid(spatial).inner,
+                    band_bytes,
+                    align=(predictor.align or [1])[0],
                 )
                 out = ChunkedOutput(
                     opath,
@@ -177,6 +188,17 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     fingerprint=fingerprint(path, directory, predictor),
                     pixel_size=read_pixel_size(path),  # the input's pixel sizes carried over
                 )
+                stores = None
+                if manifest.output.packed:  # each output to its own file; `out` keeps the progress
+                    stores = PackedStores(
+                        written,
+                        manifest.output,
+                        spatial,
+                        layout,
+                        out.fingerprint,
+                        read_pixel_size(path),
+                        model_axes,
+                    )
                 _log(
                     f"  out of core: chunks of {layout.slab} plane(s) along the first axis written to "
                     f"{out.store.name} as they complete",
@@ -193,11 +215,15 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                         leave=False,
                     ) as bar,
                 ):
-                    preds = predict_to_output(predictor, images, out, layout, progress=bar)
-                if wants_labels(cfg.instance, task, bool(layout.lead)):
-                    slabs = blocks(spatial, (layout.slab, *spatial[1:]))
-                    write_labels_blockwise(cfg.instance, cfg.threshold, out, layout, slabs)
-                out.commit()
+                    preds = predict_to_output(predictor, images, out, layout, progress=bar, stores=stores)
+                if stores is not None:
+                    stores.commit()
+                    out.discard()
+                else:
+                    if wants_labels(cfg.instance, task, bool(layout.lead)):
+                        slabs = blocks(spatial, (layout.slab, *spatial[1:]))
+                        write_labels_blockwise(cfg.instance, cfg.threshold, out, layout, slabs)
+                    out.commit()
                 run = RunRecord(
                     engines[0].label,
                     sum(p.seconds for p in preds),
@@ -212,9 +238,10 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                         _log(f"  {path.name}: {localization_note(p)}", quiet)
                 record.runs.append(run)
                 if tpath is not None:
-                    written = np.asarray(read_image(opath), np.float32)
-                    target = read_target(tpath, written.shape, model_axes)
-                    run.metrics = score(task, written, target, cfg.threshold, cfg.instance)
+                    first = np.asarray(read_image(written[0]), np.float32)
+                    target = read_target(tpath, first.shape, model_axes)
+                    run.metrics = score(task, first, target, cfg.threshold, cfg.instance)
+                record.output = written[0]
                 records.append(record)
                 continue
             outputs, packed = [], []
