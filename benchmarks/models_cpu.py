@@ -274,7 +274,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cpu_name, _ = cpu.read_cpuinfo()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("openvino", "nncf", "torch", "monai"))
-    print(f"CPU: {cpu_name}; flags: {flags_line(cpu.cpu_flags())}; {cpu.describe_cap()}")
+    cap = f"; ISA capped: {cpu.describe_cap()}" if cpu.isa_cap() else ""
+    print(f"CPU: {cpu_name}; flags: {flags_line(cpu.cpu_flags())}{cap}")
     print(f"versions: {versions}; python {platform.python_version()}; threads: {args.threads}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="models_cpu-"))

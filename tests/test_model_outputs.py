@@ -302,6 +302,43 @@ def test_out_of_core_writes_every_output_as_in_memory_to_the_bit(tmp_path, image
         assert a.shape == b.shape and np.array_equal(a, b), name
 
 
+@pytest.mark.slow
+def test_dask_writes_every_output_as_in_memory_to_the_bit(tmp_path, images):
+    """One real LocalCluster, three networks: blocks cut into each output's store by the workers."""
+    local = {"n_workers": 2, "threads_per_worker": 1, "processes": False, "block_shape": [48, 64]}
+    for factory in ("make_two_heads", "make_half_and_full", "make_super_res"):
+        art = _compress(tmp_path, images, factory, "fp32").output
+        base = {"model": str(art), "input": str(images / "img0.tif"), "output_format": "zarr"}
+        mem, dask = tmp_path / f"mem_{factory}", tmp_path / f"dask_{factory}"
+        infer(
+            validate_config({**base, "output": str(mem), "tiling": {"out_of_core": False}}, InferConfig),
+            quiet=True,
+        )
+        infer(validate_config({**base, "output": str(dask), "distributed": local}, InferConfig), quiet=True)
+        names = sorted(p.name for p in mem.iterdir())
+        assert names and names == sorted(p.name for p in dask.iterdir())
+        for name in names:
+            a, b = np.asarray(read_image(mem / name)), np.asarray(read_image(dask / name))
+            assert a.shape == b.shape and np.array_equal(a, b), (factory, name)
+
+
+def test_dask_refuses_what_it_cannot_write_by_blocks(tmp_path, images):
+    art = _compress(tmp_path, images, "make_valid", "fp32").output
+    cfg = {
+        "model": str(art),
+        "input": str(images / "img0.tif"),
+        "output": str(tmp_path / "o"),
+        "distributed": {},
+    }
+    with pytest.raises(EfficientBioAIError, match="smaller than the input by a border"):
+        infer(validate_config(cfg, InferConfig), quiet=True)
+    art = _compress(tmp_path, images, "make_half_and_full", "fp32").output
+    cfg = {**cfg, "model": str(art), "distributed": {"block_shape": [47, 96]}}
+    with pytest.raises(EfficientBioAIError, match="not a multiple of 2"):
+        infer(validate_config(cfg, InferConfig), quiet=True)
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
 def test_a_style_vector_is_refused_by_name_and_can_be_dropped(tmp_path, images):
     with pytest.raises(EfficientBioAIError) as err:
         _compress(tmp_path, images, "make_with_style", "fp32")
@@ -321,7 +358,7 @@ def test_two_inputs_are_refused_with_what_to_do(tmp_path, images):
 
 
 @pytest.mark.slow
-def test_cli_writes_a_file_per_output_and_refuses_what_cannot_hold_them_yet(tmp_path, images):
+def test_cli_writes_a_file_per_output_and_export_refuses_them(tmp_path, images):
     art = _compress(tmp_path, images, "make_two_heads", "int8").output
     raw = {"model": str(art), "input": str(images / "*.tif"), "output": str(tmp_path / "pred")}
     import yaml
@@ -339,12 +376,6 @@ def test_cli_writes_a_file_per_output_and_refuses_what_cannot_hold_them_yet(tmp_
     # a second run finds every output and skips the image
     again = run_cli("infer", "--config", str(tmp_path / "i.yaml"), cwd=tmp_path)
     assert again.returncode == 0 and "exists, skipped" in again.stderr
-    # Dask does not write several outputs yet: said before any work
-    (tmp_path / "d.yaml").write_text(yaml.safe_dump({**raw, "distributed": {}, "overwrite": True}))
-    proc = run_cli("infer", "--config", str(tmp_path / "d.yaml"), cwd=tmp_path)
-    assert (
-        proc.returncode == 2 and "several outputs" in proc.stderr and "remove the distributed" in proc.stderr
-    )
     # a bioimage.io package cannot hold them yet either
     pkg = tmp_path / "pkg"
     proc = run_cli("export-bioimageio", "-a", str(art), "-o", str(pkg), "--license", "MIT", cwd=tmp_path)

@@ -123,6 +123,27 @@ def check_block(
     return tuple(min(int(b), int(n)) for b, n in zip(block, spatial, strict=True))
 
 
+def check_packed_blocks(
+    spec: Any, block: Sequence[int], spatial: Sequence[int], align: Sequence[int] | None
+) -> None:
+    """Blocks of a network with several outputs (or one at another scale) must map to whole chunks of
+    every output's store, so that no two workers write into one chunk."""
+    for rec in spec.outputs:
+        if any(rec["offset"]):
+            raise ConfigError(
+                f"distributed: output '{rec['name']}' is smaller than the input by a border "
+                f"({rec['offset']} pixels), so the blocks of the input do not fall on whole chunks of it",
+                "remove the distributed section (out of core on one machine writes it: tiling.out_of_core)",
+            )
+    for axis, (b, n, a) in enumerate(zip(block, spatial, align or [1] * len(block), strict=True)):
+        if a > 1 and b < n and b % a:
+            raise ConfigError(
+                f"distributed.block_shape: {list(block)} along spatial axis {axis} is not a multiple of {a}, "
+                f"which an output at 1/{a} of the input's scale needs",
+                f"use a block shape that is a multiple of {a} along that axis",
+            )
+
+
 def blocks(spatial: Sequence[int], block: Sequence[int]) -> list[tuple[slice, ...]]:
     """The blocks of an image, in C order of their corners."""
     ranges = [range(0, n, b) for n, b in zip(spatial, block, strict=True)]
@@ -147,6 +168,10 @@ class BlockJob:
     store: Path
     layout: OutputLayout
     region: tuple[slice, ...]
+    # several outputs (or one at another scale): (store, layout, record) per output, and the input's
+    # spatial shape; each block is cut into every output's store (efficientbioai.infer.outofcore.PackedStores)
+    outputs: tuple = ()
+    spatial: tuple[int, ...] = ()
 
 
 _LOCAL = threading.local()
@@ -195,10 +220,17 @@ def run_block(job: BlockJob) -> dict[str, Any]:
     t0 = time.perf_counter()
     _, predictor, manifest = _worker_engine(job)
     image = _worker_image(job, manifest.input, predictor.tile_shape)
-    array = zarr.open_array(store=str(job.store), path="0", mode="r+")
-    merger = RegionMerger(
-        job.plan.grid, predictor.out_channels, job.region, predictor.blend, job.layout.sink(array, job.sample)
-    )
+    if job.outputs:
+        from efficientbioai.infer.outofcore import packed_sink
+
+        targets = [
+            (zarr.open_array(store=str(store), path="0", mode="r+"), layout, rec)
+            for store, layout, rec in job.outputs
+        ]
+        sink = packed_sink(targets, job.spatial, job.sample)
+    else:
+        sink = job.layout.sink(zarr.open_array(store=str(job.store), path="0", mode="r+"), job.sample)
+    merger = RegionMerger(job.plan.grid, predictor.out_channels, job.region, predictor.blend, sink)
     pred = predictor(image, merger=merger, plan=job.plan)
     return {"seconds": time.perf_counter() - t0, "computed": pred.computed}
 
@@ -227,9 +259,15 @@ def infer_distributed(
     """Every block of every image as one Dask task stream (see :mod:`efficientbioai.infer.distributed`)."""
     from dask.distributed import as_completed
 
-    from efficientbioai.infer.images import cache_note, open_samples, read_cache_bytes, read_target
+    from efficientbioai.infer.images import (
+        cache_note,
+        open_samples,
+        output_files,
+        read_cache_bytes,
+        read_target,
+    )
     from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
-    from efficientbioai.infer.outofcore import fill_value, fingerprint, output_layout
+    from efficientbioai.infer.outofcore import PackedStores, fill_value, fingerprint, output_layout
     from efficientbioai.infer.predict import split_pointwise
     from efficientbioai.infer.results import ImageRecord, RunRecord, score
     from efficientbioai.io import ChunkedOutput, read_image, read_pixel_size
@@ -256,8 +294,12 @@ def infer_distributed(
         voxels = int(np.prod(spatial)) * len(images)
         record = ImageRecord(path, opath, tuple(raw.shape), "done")
         records.append(record)
-        if opath.exists() and not cfg.overwrite:
-            log(f"[{k + 1}/{len(files)}] {path.name}: {opath} exists, skipped (overwrite: true recomputes)")
+        written = output_files(opath, manifest.output)
+        record.output = written[0]
+        if all(p.exists() for p in written) and not cfg.overwrite:
+            log(
+                f"[{k + 1}/{len(files)}] {path.name}: {written[0]} exists, skipped (overwrite: true recomputes)"
+            )
             record.status = "exists"
             record.runs.append(RunRecord(predictor.engine.label, None, voxels, None))
             continue
@@ -281,9 +323,17 @@ def infer_distributed(
             pixel_size=read_pixel_size(path),  # the input's pixel sizes carried over
         )
         regions = blocks(spatial, block)
+        stores = None
+        if manifest.output.packed:
+            check_packed_blocks(manifest.output, block, spatial, predictor.align)
+            stores = PackedStores(
+                written, manifest.output, spatial, layout, out.fingerprint, read_pixel_size(path), model_axes
+            )
         n_jobs = 0
         plans = [predictor.plan(im) for im in images]  # small: sent to every task of its sample
-        out.create(fill_value(plans))  # before any task opens the store
+        background = float(np.asarray(out.create(fill_value(plans)).fill_value))  # before any task opens it
+        if stores is not None:
+            stores.create(background)
         for i, plan in enumerate(plans):
             done = out.done(i)
             for b, region in enumerate(regions):
@@ -301,6 +351,8 @@ def infer_distributed(
                     out.store,
                     layout,
                     region,
+                    tuple(stores.targets()) if stores is not None else (),
+                    spatial,
                 )
                 jobs.append((k, (i, b), job))
                 n_jobs += 1
@@ -312,6 +364,7 @@ def infer_distributed(
             "tpath": targets[k],
             "layout": layout,
             "regions": regions,
+            "stores": stores,
         }
         skipped = sum(int(p.skipped.sum()) for p in plans)
         log(
@@ -334,11 +387,15 @@ def infer_distributed(
         def commit(k: int) -> None:
             nonlocal last
             item = pending.pop(k)
-            if wants_labels(cfg.instance, task, bool(item["layout"].lead)):
-                write_labels_blockwise(
-                    cfg.instance, cfg.threshold, item["out"], item["layout"], item["regions"], client
-                )
-            item["out"].commit()
+            if item["stores"] is not None:  # every output to its own file; the packed store held progress
+                item["stores"].commit()
+                item["out"].discard()
+            else:
+                if wants_labels(cfg.instance, task, bool(item["layout"].lead)):
+                    write_labels_blockwise(
+                        cfg.instance, cfg.threshold, item["out"], item["layout"], item["regions"], client
+                    )
+                item["out"].commit()
             now = time.perf_counter()
             rec = item["record"]
             run = RunRecord(

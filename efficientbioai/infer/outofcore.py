@@ -218,14 +218,16 @@ class PackedStores:
             out.create(fill_value)
 
     def sink(self, sample: int) -> Sink:
-        def write(region: tuple[slice, ...], data: np.ndarray) -> None:
-            for rec, layout, out in zip(self.records, self.layouts, self.outputs, strict=True):
-                part = unpack_region(data, region, rec, self.spatial)
-                if part is not None:
-                    where, block = part
-                    out.array[layout.index(sample, where)] = block if layout.channel else block[0]
+        targets = [
+            (o.array, lay, rec) for o, lay, rec in zip(self.outputs, self.layouts, self.records, strict=True)
+        ]
+        return packed_sink(targets, self.spatial, sample)
 
-        return write
+    def targets(self) -> list[tuple[Path, OutputLayout, dict[str, Any]]]:
+        """(store, layout, record) per output: what a Dask worker opens to write its blocks."""
+        return [
+            (o.store, lay, rec) for o, lay, rec in zip(self.outputs, self.layouts, self.records, strict=True)
+        ]
 
     def commit(self) -> list[Path]:
         return [out.commit() for out in self.outputs]
@@ -233,6 +235,22 @@ class PackedStores:
     def discard(self) -> None:
         for out in self.outputs:
             out.discard()
+
+
+def packed_sink(
+    targets: Sequence[tuple[Any, OutputLayout, dict[str, Any]]], spatial: Sequence[int], sample: int
+) -> Sink:
+    """A sink that cuts each output's part out of a packed block and writes it to that output's array
+    (``targets``: (zarr array, layout, record) per output)."""
+
+    def write(region: tuple[slice, ...], data: np.ndarray) -> None:
+        for array, layout, rec in targets:
+            part = unpack_region(data, region, rec, spatial)
+            if part is not None:
+                where, block = part
+                array[layout.index(sample, where)] = block if layout.channel else block[0]
+
+    return write
 
 
 def predict_to_output(

@@ -86,12 +86,6 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             "outputs in memory on one machine)",
             "set compare_with_original: false, or remove the distributed section",
         )
-    if cfg.distributed is not None and manifest.output.packed:
-        raise ConfigError(
-            "distributed: this artifact's network has several outputs (or one at another scale), which "
-            f"are written from memory only so far ({', '.join(manifest.output.names())})",
-            "remove the distributed section (each image's outputs must fit in memory)",
-        )
     from efficientbioai.infer.gpu import choose_backend, nvml_index
 
     backend, why = choose_backend(manifest, cfg.backend)
