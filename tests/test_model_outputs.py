@@ -122,6 +122,13 @@ def make_two_heads():
     return TwoHeads()
 
 
+def make_wide_two_heads():
+    net = TwoHeads()
+    torch.manual_seed(5)
+    net.trunk, net.fg, net.edge = _Trunk(32), nn.Conv2d(32, 1, 1), nn.Conv2d(32, 2, 1)
+    return net
+
+
 def make_half_and_full():
     return HalfAndFull()
 
@@ -337,6 +344,38 @@ def test_dask_refuses_what_it_cannot_write_by_blocks(tmp_path, images):
     with pytest.raises(EfficientBioAIError, match="not a multiple of 2"):
         infer(validate_config(cfg, InferConfig), quiet=True)
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_pruning_keeps_every_heads_channels(tmp_path, images):
+    from efficientbioai.compress.prune import output_layers
+
+    net = make_wide_two_heads().eval()
+    heads = output_layers(net, torch.zeros(1, 1, 32, 32))
+    assert heads == [net.fg, net.edge] or heads == [net.edge, net.fg]  # both heads, not only the last run
+    cfg = {
+        "model": {"kind": "torch", "factory": "tests.test_model_outputs:make_wide_two_heads", "axes": "bcyx"},
+        "calibration": {"images": str(images / "*.tif"), "num_tiles": 8, "tile_shape": [32, 32]},
+        "quantize": {"precision": "fp32", "max_drop": None},
+        "prune": {"ratio": 0.5, "finetune": {"steps": 2}},
+        "engine": {"latency_repeats": 1},
+        "output": str(tmp_path / "pruned"),
+    }
+    m = compress(validate_config(cfg), quiet=True).manifest
+    step = next(t for t in m.transformations if t["step"] == "prune")
+    assert step["parameters_after"] < step["parameters_before"]
+    assert m.output.channels == 3 and m.output.names() == ["output0", "output1"]
+    infer(
+        validate_config(
+            {
+                "model": str(tmp_path / "pruned"),
+                "input": str(images / "img0.tif"),
+                "output": str(tmp_path / "p"),
+            },
+            InferConfig,
+        ),
+        quiet=True,
+    )
+    assert tifffile.imread(tmp_path / "p" / "img0_output1.tif").shape == (2, 96, 96)
 
 
 def test_a_style_vector_is_refused_by_name_and_can_be_dropped(tmp_path, images):

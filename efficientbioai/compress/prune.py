@@ -135,20 +135,42 @@ def _traceable_instance_norm(module):
 
 
 def output_layers(module, example) -> list:
-    """The convolution(s) that produce the network's output: the last convolution run in a forward pass."""
+    """The convolutions whose channels are the network's outputs: for every output tensor, the last
+    convolutions on each path back from it (through activations, reshapes, concatenations), so that a
+    network with several heads keeps every head's channels."""
     import torch
 
+    from efficientbioai.models.outputs import flatten_outputs
+
+    produced: dict[Any, Any] = {}  # grad_fn of a convolution's output → the convolution
     order: list = []
-    handles = [
-        m.register_forward_hook(lambda m, i, o: order.append(m)) for m in module.modules() if _is_conv(m)
-    ]
+
+    def hook(m, i, o):
+        order.append(m)
+        if getattr(o, "grad_fn", None) is not None:
+            produced[o.grad_fn] = m
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if _is_conv(m)]
     try:
-        with torch.no_grad():
-            module(example)
+        with torch.inference_mode(False), torch.enable_grad():
+            outs = flatten_outputs(module(example))
     finally:
         for h in handles:
             h.remove()
-    return order[-1:]
+    found: list = []
+    seen = set()
+    stack = [o.grad_fn for o in outs if getattr(o, "grad_fn", None) is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in produced:  # stop at the first convolution on this path
+            if produced[fn] not in found:
+                found.append(produced[fn])
+            continue
+        stack += [nxt for nxt, _ in fn.next_functions]
+    return found or order[-1:]
 
 
 @dataclass
