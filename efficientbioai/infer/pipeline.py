@@ -135,7 +135,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     "recomputes)",
                     quiet,
                 )
-                record.status = "exists"
+                record.status, record.output = "exists", written[0]
                 existing = np.asarray(read_image(written[0]), np.float32)
                 target = read_target(tpath, existing.shape, model_axes) if tpath else None
                 record.runs.append(
