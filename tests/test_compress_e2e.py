@@ -128,6 +128,21 @@ def test_existing_output_is_kept_and_overwrite_replaces_it(tmp_path, monai3d):
     assert not (out / "keep.txt").exists() and (out / "manifest.yaml").is_file()
 
 
+def test_the_artifact_folder_gets_the_umask_mode(tmp_path, monai3d):
+    """Not mkdtemp's 0700: a lab shares artifacts the way it shares any folder it makes."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        proc = run_cli(
+            "compress", "--config", str(write_config(tmp_path / "c.yaml", monai3d)), "--quiet", cwd=tmp_path
+        )
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(monai3d["output"]).stat().st_mode & 0o777 == 0o755
+
+
 def test_fidelity_limit_fails_cleanly_and_writes_nothing(tmp_path, monai3d):
     cfg = dict(monai3d, fidelity={"num_tiles": 4, "max_relative_l2": 1e-9})
     proc = run_cli("compress", "--config", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)

@@ -53,6 +53,7 @@ from efficientbioai.compress.tables import result_table
 from efficientbioai.config import CompressConfig
 from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
+from efficientbioai.io.files import make_umask_mode
 from efficientbioai.models import LoadedModel, load_model
 from efficientbioai.models.base import sha256
 
@@ -93,6 +94,7 @@ def compress(cfg: CompressConfig, *, quiet: bool = False) -> CompressResult:
         loaded.module = parser.fine_tune(loaded.module, data.calib.inputs)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    make_umask_mode(tmp)  # the artifact is this folder, moved into place: not mkdtemp's 0700
     try:
         manifest = _build(cfg, parser, loaded, data, threads, tmp, quiet)
         _move_into_place(tmp, out)

@@ -142,6 +142,14 @@ def check_replaceable(path: Path) -> None:
             )
 
 
+def make_umask_mode(path: Path) -> None:
+    """Give a folder made by ``tempfile.mkdtemp`` (always 0700) the mode the user's umask gives new
+    folders, so that a result moved into place is as readable as any folder they make."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
+
+
 def move_into_place(tmp: Path, dest: Path) -> None:
     if not tmp.is_dir() and not (dest.is_dir() and not dest.is_symlink()):
         os.replace(tmp, dest)  # a file over a file (or nothing): atomic
