@@ -79,10 +79,6 @@ def quiet_libraries() -> None:
     nncf.set_log_level(logging.ERROR)
 
 
-def flags_line(flags: dict[str, bool]) -> str:
-    return ", ".join(name for name, on in flags.items() if on) or "none of interest"
-
-
 def message(exc: BaseException) -> str:
     """The error's ``problem`` (an EfficientBioAIError), else its type and first line."""
     problem = getattr(exc, "problem", None)
@@ -275,7 +271,7 @@ def main() -> None:
     cpu_name, _ = cpu.read_cpuinfo()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("openvino", "nncf", "torch", "monai"))
     cap = f"; ISA capped: {cpu.describe_cap()}" if cpu.isa_cap() else ""
-    print(f"CPU: {cpu_name}; flags: {flags_line(cpu.cpu_flags())}{cap}")
+    print(f"CPU: {cpu_name}; flags: {cpu.flags_line(cpu.cpu_flags())}{cap}")
     print(f"versions: {versions}; python {platform.python_version()}; threads: {args.threads}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="models_cpu-"))

@@ -58,10 +58,6 @@ def quiet_libraries() -> None:
     nncf.set_log_level(logging.ERROR)
 
 
-def flags_line(flags: dict[str, bool]) -> str:
-    return ", ".join(name for name, on in flags.items() if on) or "none of interest"
-
-
 # ------------------------------------------------------------------------------------------ child
 
 
@@ -90,7 +86,7 @@ def child_main(args) -> None:
         "float_precision": engine.precision,
         "kernels": int8_kernels(engine),
         "isa_cap": cpu.describe_cap(),
-        "flags": flags_line(cpu.cpu_flags()),
+        "flags": cpu.flags_line(cpu.cpu_flags()),
     }
     engine.close()
     print(RESULT + json.dumps(result), flush=True)
@@ -159,8 +155,8 @@ def main() -> None:
 
     cpu_name, raw = cpu.read_cpuinfo()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("openvino", "nncf", "torch", "numpy"))
-    print(f"CPU: {cpu_name}; flags: {flags_line(cpu.cpu_flags(raw, cap={}))}")
-    print(f"capped rows: {cpu.describe_cap(CAP)} -> flags: {flags_line(cpu.cpu_flags(raw, cap=CAP))}")
+    print(f"CPU: {cpu_name}; flags: {cpu.flags_line(cpu.cpu_flags(raw, cap={}))}")
+    print(f"capped rows: {cpu.describe_cap(CAP)} -> flags: {cpu.flags_line(cpu.cpu_flags(raw, cap=CAP))}")
     print(f"versions: {versions}; python {platform.python_version()}; threads: {args.threads}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="overflow_fix_cpu-"))

@@ -57,12 +57,10 @@ _CAPS: dict[str, set[str]] = {
     "AVX10_1_512_AMX": _AVX512
     | {"AVX-512 VNNI", "AVX-512 BF16", "AVX-512 FP16", "AVX-VNNI", "AMX", "AMX-INT8", "AMX-BF16"},
 }
-_X86_NAMES = {"AVX2", "FMA", "AVX-512", "AVX-512 VNNI", "AVX-VNNI", "AVX-512 BF16", "AVX-512 FP16"} | {
-    "AMX",
-    "AMX-INT8",
-    "AMX-BF16",
-    "AMX-FP16",
-}
+_X86_NAMES = {
+    "AVX2", "FMA", "AVX-512", "AVX-512 VNNI", "AVX-VNNI", "AVX-512 BF16", "AVX-512 FP16",
+    "AMX", "AMX-INT8", "AMX-BF16", "AMX-FP16",
+}  # fmt: skip
 
 
 def read_cpuinfo() -> tuple[str, set[str]]:
@@ -134,16 +132,15 @@ def int8_saturates(flags: dict[str, bool] | None = None, architecture: str | Non
     return int8_dot_product(flags) is None
 
 
+def flags_line(flags: dict[str, bool]) -> str:
+    """The names of the flags that are on, for one line of a report."""
+    return ", ".join(name for name, on in flags.items() if on) or "none of interest"
+
+
 def describe_cap(cap: dict[str, str] | None = None) -> str | None:
     """``OV_CPU_MAX_ISA=AVX2, ONEDNN_MAX_CPU_ISA=AVX2`` or None."""
     cap = isa_cap() if cap is None else cap
     return ", ".join(f"{k}={v}" for k, v in cap.items()) if cap else None
-
-
-def summary() -> dict[str, Any]:
-    """Model, the usable flags and the cap: what a record of a run says about its CPU."""
-    model, raw = read_cpuinfo()
-    return {"model": model, "flags": cpu_flags(raw), "isa_cap": describe_cap()}
 
 
 def cpu_record() -> dict[str, Any]:

@@ -65,12 +65,13 @@ def fidelity_figures(
     ``worst_output`` names it. Targets are compared with the first output.
     """
     slices = output_slices(outputs)
-    fig: dict[str, Any] = {
-        "relative_l2": metrics.relative_l2(out, ref),
-        "pearson": metrics.pearson(out, ref),
-        "max_abs_diff": float(np.abs(out - ref).max()),
-    }
-    if slices is not None:
+    if slices is None:
+        fig: dict[str, Any] = {
+            "relative_l2": metrics.relative_l2(out, ref),
+            "pearson": metrics.pearson(out, ref),
+            "max_abs_diff": float(np.abs(out - ref).max()),
+        }
+    else:
         per = {
             name: {
                 "pearson": metrics.pearson(out[:, sl], ref[:, sl]),

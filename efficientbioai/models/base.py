@@ -180,29 +180,6 @@ def infer_in_channels(module: torch.nn.Module, ndim: int) -> int | None:
     return None
 
 
-def probe_tile_step(run, ndim: int, in_channels: int) -> list[int]:
-    """Smallest power-of-two step such that ``run`` maps every multiple of it to the same shape.
-
-    Sizes are odd multiples of the candidate step, so a size is divisible by the step but not by twice
-    the step: the first candidate that works is the network's divisibility requirement.
-    """
-    for step in (1, 2, 4, 8, 16, 32, 64):
-        m = max(1, -(-32 // step))
-        m += m % 2 == 0
-        size = step * m
-        try:
-            y = run(np.zeros((1, in_channels) + (size,) * ndim, np.float32))
-        except Exception:
-            continue
-        if tuple(y.shape[2:]) == (size,) * ndim:
-            return [step] * ndim
-    raise ModelLoadError(
-        "could not find a tile size the network maps to an output of the same size (tried multiples of "
-        "1 to 64)",
-        "set model.tile_step in the config, or check that the network keeps the spatial size",
-    )
-
-
 def complete(loaded: LoadedModel, config: ModelConfig) -> LoadedModel:
     """Fill what a parser left open: channels, valid tile sizes (probed), halo, from config or model."""
     from efficientbioai.processing import normalize_steps
@@ -221,11 +198,10 @@ def complete(loaded: LoadedModel, config: ModelConfig) -> LoadedModel:
     loaded.in_channels = loaded.in_channels or 1
     if loaded.outputs is None:
         _describe_outputs(loaded, config)
-    elif loaded.tile_step is None:
-        from efficientbioai.engines import reference_engine
+    elif loaded.tile_step is None:  # a parser that described (and packed) the outputs itself
+        from efficientbioai.models.outputs import probe_outputs
 
-        with reference_engine(loaded) as run:
-            loaded.tile_step = probe_tile_step(run, loaded.ndim, loaded.in_channels)
+        loaded.tile_step = probe_outputs(_run_all(loaded), loaded.ndim, loaded.in_channels)[0]
     for key in ("tile_step", "halo"):
         value = getattr(loaded, key)
         if value is not None and len(value) != loaded.ndim:

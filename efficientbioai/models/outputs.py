@@ -97,7 +97,9 @@ def required_inputs(module) -> list[str]:
     except (TypeError, ValueError):  # TorchScript and C++ modules may not say
         return []
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in sig.parameters.values() if p.kind in kinds and p.default is inspect.Parameter.empty]
+    return [
+        p.name for p in sig.parameters.values() if p.kind in kinds and p.default is inspect.Parameter.empty
+    ]
 
 
 def output_names(out: Any, count: int, given: Sequence[str] | None) -> list[str]:
@@ -263,10 +265,6 @@ def step_for(outputs: Sequence[OutputTensor], step: Sequence[int]) -> list[int]:
                 k = s.denominator
                 out[i] = int(out[i] * k // np.gcd(out[i], k))
     return out
-
-
-def packed_channels(outputs: Sequence[OutputTensor]) -> int:
-    return sum(o.channels * o.factor for o in outputs)
 
 
 def records(outputs: Sequence[OutputTensor]) -> list[dict[str, Any]]:
