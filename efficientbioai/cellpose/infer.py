@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from efficientbioai import nonfinite
 from efficientbioai.artifact import Artifact
 from efficientbioai.cellpose.run import average_precision, engine_model, original_model, segment
 from efficientbioai.config import InferConfig
@@ -24,6 +25,7 @@ from efficientbioai.energy import EnergyMeter, EnergyReading, format_energy
 from efficientbioai.engines import default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.infer.images import output_paths, target_files
+from efficientbioai.infer.provenance import plan_outputs
 from efficientbioai.infer.results import energy_note
 from efficientbioai.io import expand_paths, read_axes, read_image, read_pixel_size, write_image
 from efficientbioai.models.cellpose import cellpose_spec, parse_channels
@@ -272,6 +274,15 @@ def infer_cellpose(cfg: InferConfig, artifact: Artifact, *, quiet: bool = False)
     if cfg.compare_with_original and cfg.backend != "torch":
         _log("loading the original network for comparison", quiet)
         models.append(original_model(directory, threads))
+    provenance, skips = plan_outputs(  # every existing output checked before any work
+        files,
+        [[o] for o in out_paths],
+        directory,
+        artifact.manifest.model.name,
+        models[0].label,
+        {"axes": cfg.axes, "cellpose": settings},
+        cfg.overwrite,
+    )
     meter = EnergyMeter(enabled=cfg.energy)
     records: list[CellposeImage] = []
     warmed: set[int] = set()
@@ -282,9 +293,10 @@ def infer_cellpose(cfg: InferConfig, artifact: Artifact, *, quiet: bool = False)
             spatial = tuple(s for i, s in enumerate(image.shape) if i != channel_axis)
             record = CellposeImage(path, opath, tuple(raw.shape), "done")
             truth = _read_labels(tpath, spatial) if tpath is not None else None
-            if opath.exists() and not cfg.overwrite:
+            if skips[k]:
                 _log(
-                    f"[{k + 1}/{len(files)}] {path.name}: {opath} exists, skipped (overwrite: true recomputes)",
+                    f"[{k + 1}/{len(files)}] {path.name}: {opath} exists, skipped: written by this model with "
+                    "these settings (overwrite: true recomputes)",
                     quiet,
                 )
                 record.status = "exists"
@@ -300,6 +312,15 @@ def infer_cellpose(cfg: InferConfig, artifact: Artifact, *, quiet: bool = False)
                 records.append(record)
                 continue
             _log(f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}", quiet)
+            found = nonfinite.scan(
+                image[np.newaxis] if channel_axis is None else np.moveaxis(image, channel_axis, 0)
+            )
+            if found is not None:  # a label image has no value to mark filled pixels with: refused
+                raise EfficientBioAIError(
+                    f"input: {path} holds non-finite values: {found.describe()}",
+                    "remove them from the image (cellpose artifacts write label images, which cannot mark "
+                    "filled pixels, so nonfinite: fill is not available for them)",
+                )
             results = []
             for m_idx, model in enumerate(
                 tqdm(models, desc=path.name, unit="model", disable=quiet, leave=False)
@@ -324,7 +345,13 @@ def infer_cellpose(cfg: InferConfig, artifact: Artifact, *, quiet: bool = False)
                 )
             masks = results[0].masks
             dtype = np.uint16 if masks.max(initial=0) < 2**16 else np.uint32
-            write_image(opath, masks.astype(dtype), axes="yx", pixel_size=read_pixel_size(path))
+            write_image(
+                opath,
+                masks.astype(dtype),
+                axes="yx",
+                pixel_size=read_pixel_size(path),
+                provenance=provenance[k],
+            )
             if len(results) == 2:
                 record.agreement = average_precision(results[1].masks, results[0].masks)
             records.append(record)

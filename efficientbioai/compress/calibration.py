@@ -22,6 +22,7 @@ from efficientbioai.engines import Engine
 from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.io import expand_paths, lazy_model_layout, read_image, to_model_layout
 from efficientbioai.models import LoadedModel
+from efficientbioai.nonfinite import scan
 from efficientbioai.processing import apply_steps, fix_statistics
 from efficientbioai.sampling import PreparedImage, Tiles, sample_tiles
 from efficientbioai.tiling import round_up, valid_size
@@ -94,6 +95,13 @@ def read_calibration_images(cal: CalibrationConfig, loaded: LoadedModel):
                 f"calibration.images: {name} has {x.shape[0]} channel(s) but the model takes {loaded.in_channels}",
                 "set calibration.axes so that the channel axis is named 'c', or give images with the "
                 "model's channels",
+            )
+        found = scan(x)  # one NaN turns every statistic and the accuracy check into NaN
+        if found is not None:
+            raise EfficientBioAIError(
+                f"calibration.images: {name} holds non-finite values: {found.describe()}",
+                "calibrate on images without NaN / inf (remove them from the image, or choose other "
+                "calibration images)",
             )
     # read lazily: tiles are read (and pre-processed) where they are sampled; statistics come from a
     # strided sample, so a volume larger than memory can calibrate

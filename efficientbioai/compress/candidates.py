@@ -388,7 +388,7 @@ def _judge(c: Candidate, ctx: BuildContext) -> None:
     budget = ctx.budget
     if budget is not None:
         c.drop = budget.drop(c.fidelity)
-        if not budget.holds(c.fidelity):
+        if not budget.holds(c.fidelity) and not c.fidelity.get("nonfinite_outputs"):
             problems.append(f"drop {c.drop:.4g} exceeds quantize.max_drop ({budget.describe()})")
     c.problems = problems
     c.ok = not problems

@@ -64,6 +64,7 @@ def fidelity_figures(
     one gives the figures (lowest Pearson r, highest relative L2): ``outputs`` lists each one's figures,
     ``worst_output`` names it. Targets are compared with the first output.
     """
+    bad = {"compressed": int((~np.isfinite(out)).sum()), "original": int((~np.isfinite(ref)).sum())}
     slices = output_slices(outputs)
     if slices is None:
         fig: dict[str, Any] = {
@@ -100,12 +101,24 @@ def fidelity_figures(
             fig["metric"] = "iou_vs_target"
             fig["original_metric"] = metrics.iou(ref > fid.threshold, targets > 0.5)
             fig["compressed_metric"] = metrics.iou(out > fid.threshold, targets > 0.5)
+    if any(bad.values()):  # named, not reported as a NaN drop
+        fig["nonfinite_outputs"] = {k: v for k, v in bad.items() if v}
     return fig
 
 
 def check_limits(fig: dict[str, Any], fid: FidelityConfig) -> list[str]:
     """The ``fidelity.*`` limits the figures break, in words (empty when all hold)."""
     problems = []
+    bad = fig.get("nonfinite_outputs") or {}
+    for who, n in bad.items():
+        problems.append(
+            f"the {who} model's output holds {n:,} NaN / inf value(s) on the fidelity tiles"
+            + (
+                " (the original's own output: check its weights and the calibration images)"
+                if who == "original"
+                else " (an overflow in reduced precision, or non-finite weights)"
+            )
+        )
     if fid.max_pearson_drop is not None and 1 - fig["pearson"] > fid.max_pearson_drop:
         problems.append(
             f"Pearson drop {1 - fig['pearson']:.4g} > fidelity.max_pearson_drop {fid.max_pearson_drop}"

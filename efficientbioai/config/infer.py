@@ -276,6 +276,14 @@ class InferConfig(StrictConfig):
     output_format: Literal["tiff", "zarr"] | None = Field(
         None, description="tiff or zarr (default: zarr for zarr inputs, else tiff)"
     )
+    nonfinite: Literal["refuse", "fill"] = Field(
+        "refuse",
+        description="NaN / inf in a floating-point input: refuse the image (naming how many and where), or "
+        "fill them with fill_value and mark their outputs NaN",
+    )
+    fill_value: float = Field(
+        0.0, allow_inf_nan=False, description="nonfinite: fill: the value NaN / inf input voxels get"
+    )
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     targets: str | None = Field(
         None, description="ground truth for the images (same sorted order), enabling task metrics"

@@ -172,6 +172,8 @@ class BlockJob:
     # spatial shape; each block is cut into every output's store (efficientbioai.infer.outofcore.PackedStores)
     outputs: tuple = ()
     spatial: tuple[int, ...] = ()
+    # nonfinite: fill, for an image that holds NaN / inf: the value they are read as (their outputs NaN)
+    fill: float | None = None
 
 
 _LOCAL = threading.local()
@@ -200,6 +202,7 @@ def _worker_engine(job: BlockJob):
 def _worker_image(job: BlockJob, model_input, tile_shape):
     """The (C, *spatial) sample of the job's image, opened lazily and kept for the next blocks."""
     from efficientbioai.infer.images import open_samples, read_cache_bytes
+    from efficientbioai.nonfinite import Filled
 
     cache = getattr(_LOCAL, "images", None)
     if cache is None:
@@ -207,9 +210,12 @@ def _worker_image(job: BlockJob, model_input, tile_shape):
     key = (str(job.image), job.axes, job.sample)
     if key not in cache:
         cache.clear()  # one image at a time per thread: tasks of one image run together
-        cache[key] = open_samples(job.image, job.axes, model_input, read_cache_bytes(job.cfg), tile_shape)[2][
+        image = open_samples(job.image, job.axes, model_input, read_cache_bytes(job.cfg), tile_shape)[2][
             job.sample
         ]
+        if job.fill is not None:  # read and marked as the driver's plan saw it
+            image = Filled(image, job.fill)
+        cache[key] = image
     return cache[key]
 
 
@@ -255,10 +261,16 @@ def infer_distributed(
     out_paths: list[Path],
     predictor: Predictor,
     quiet: bool = False,
+    provenance: list[dict[str, Any]] | None = None,
+    skips: list[bool] | None = None,
 ) -> list[ImageRecord]:
-    """Every block of every image as one Dask task stream (see :mod:`efficientbioai.infer.distributed`)."""
+    """Every block of every image as one Dask task stream (see :mod:`efficientbioai.infer.distributed`).
+
+    ``provenance`` and ``skips``: per input, what its outputs record and whether they exist already
+    (:func:`efficientbioai.infer.provenance.plan_outputs`; computed here when not given)."""
     from dask.distributed import as_completed
 
+    from efficientbioai import nonfinite
     from efficientbioai.infer.images import (
         cache_note,
         open_samples,
@@ -269,6 +281,7 @@ def infer_distributed(
     from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
     from efficientbioai.infer.outofcore import PackedStores, fill_value, fingerprint, output_layout
     from efficientbioai.infer.predict import split_pointwise
+    from efficientbioai.infer.provenance import plan_outputs, predictor_settings
     from efficientbioai.infer.results import ImageRecord, RunRecord, score
     from efficientbioai.io import ChunkedOutput, read_image, read_pixel_size
 
@@ -284,6 +297,16 @@ def infer_distributed(
     records: list[ImageRecord] = []
     pending: dict[int, dict[str, Any]] = {}  # image number → its output, blocks and record
     jobs: list[tuple[int, tuple[int, int], BlockJob]] = []
+    if provenance is None or skips is None:
+        provenance, skips = plan_outputs(
+            files,
+            [output_files(o, manifest.output) for o in out_paths],
+            directory,
+            manifest.model.name,
+            predictor.engine.label,
+            predictor_settings(predictor, cfg),
+            cfg.overwrite,
+        )
     for k, (path, opath) in enumerate(zip(files, out_paths, strict=True)):
         raw, axes, images = open_samples(
             path, cfg.axes, manifest.input, read_cache_bytes(cfg), predictor.tile_shape
@@ -296,13 +319,19 @@ def infer_distributed(
         records.append(record)
         written = output_files(opath, manifest.output)
         record.output = written[0]
-        if all(p.exists() for p in written) and not cfg.overwrite:
+        if skips[k]:
             log(
-                f"[{k + 1}/{len(files)}] {path.name}: {written[0]} exists, skipped (overwrite: true recomputes)"
+                f"[{k + 1}/{len(files)}] {path.name}: {written[0]} exists, skipped: written by this model with "
+                "these settings (overwrite: true recomputes)"
             )
             record.status = "exists"
             record.runs.append(RunRecord(predictor.engine.label, None, voxels, None))
             continue
+        images, filled = nonfinite.check(images, f"input: {path}", cfg.nonfinite, cfg.fill_value)
+        prov = provenance[k]
+        if filled:
+            log(f"  {nonfinite.fill_note(path.name, filled, cfg.fill_value)}")
+            prov = {**prov, "filled_nonfinite": filled}
         whole_post = split_pointwise(predictor.post)[1]
         if whole_post:
             raise ConfigError(
@@ -321,13 +350,21 @@ def infer_distributed(
             chunks=layout.chunks,
             fingerprint=fingerprint(path, directory, predictor, ["distributed", block]),
             pixel_size=read_pixel_size(path),  # the input's pixel sizes carried over
+            provenance=prov,
         )
         regions = blocks(spatial, block)
         stores = None
         if manifest.output.packed:
             check_packed_blocks(manifest.output, block, spatial, predictor.align)
             stores = PackedStores(
-                written, manifest.output, spatial, layout, out.fingerprint, read_pixel_size(path), model_axes
+                written,
+                manifest.output,
+                spatial,
+                layout,
+                out.fingerprint,
+                read_pixel_size(path),
+                model_axes,
+                prov,
             )
         n_jobs = 0
         plans = [predictor.plan(im) for im in images]  # small: sent to every task of its sample
@@ -353,6 +390,7 @@ def infer_distributed(
                     region,
                     tuple(stores.targets()) if stores is not None else (),
                     spatial,
+                    cfg.fill_value if filled else None,
                 )
                 jobs.append((k, (i, b), job))
                 n_jobs += 1

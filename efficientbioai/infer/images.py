@@ -164,6 +164,7 @@ def write_outputs(
     several: bool,
     pixel_size: dict[str, Any],
     spec: OutputSpec,
+    provenance: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write each output to its file (see :func:`output_files`), pixel sizes divided by its scale."""
     spatial_axes = model_axes[2:]
@@ -173,5 +174,6 @@ def write_outputs(
         axes = ("c" if array.ndim > len(spatial_axes) + several else "") + spatial_axes
         scale = dict(zip(spatial_axes, record["scale"], strict=True))
         sizes = {a: (v[0] / scale.get(a, 1), *v[1:]) for a, v in pixel_size.items()}
-        write_image(path, array, axes=None if several else axes, pixel_size=sizes)
+        record = None if provenance is None else {**provenance, "output": record["name"]}
+        write_image(path, array, axes=None if several else axes, pixel_size=sizes, provenance=record)
     return paths

@@ -184,6 +184,14 @@ def wants_labels(instance: InstanceConfig, task: str | None, several: bool = Fal
     return True
 
 
+def labels_provenance(record: dict | None, instance: InstanceConfig, threshold: float) -> dict | None:
+    """The provenance of a label image: its prediction's, plus how the labels were made."""
+    if record is None:
+        return None
+    labels = {"threshold": threshold, "method": instance.method, "min_size": instance.min_size}
+    return {**record, "labels": labels}
+
+
 def write_labels_blockwise(
     instance: InstanceConfig, threshold: float, out, layout, regions, client=None
 ) -> None:
@@ -200,6 +208,7 @@ def write_labels_blockwise(
         chunks=layout.chunks,
         fingerprint=out.fingerprint + "-labels",
         pixel_size=out.metadata.get("pixel_size"),
+        provenance=labels_provenance(out.metadata.get("provenance"), instance, threshold),
     )
     labels.create()  # the blocks' tasks open it by path
     label_blocks(

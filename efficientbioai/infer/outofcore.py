@@ -173,6 +173,7 @@ class PackedStores:
         fingerprint: str,
         pixel_size: dict[str, Any],
         model_axes: str,
+        provenance: dict[str, Any] | None = None,
     ):
         self.records = list(spec.outputs)
         self.spatial = tuple(spatial)
@@ -210,6 +211,7 @@ class PackedStores:
                     chunks=layout.chunks,
                     fingerprint=f"{fingerprint}:{rec['name']}",
                     pixel_size={a: (v[0] / scale.get(a, 1), *v[1:]) for a, v in pixel_size.items()},
+                    provenance=None if provenance is None else {**provenance, "output": rec["name"]},
                 )
             )
 

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from efficientbioai import metrics
+from efficientbioai import metrics, nonfinite
 from efficientbioai.artifact import Artifact
 from efficientbioai.config import GPU_BACKENDS, InferConfig
 from efficientbioai.energy import EnergyMeter
@@ -35,7 +35,7 @@ from efficientbioai.infer.images import (
     unpack_outputs,
     write_outputs,
 )
-from efficientbioai.infer.labels import wants_labels, write_labels_blockwise
+from efficientbioai.infer.labels import labels_provenance, wants_labels, write_labels_blockwise
 from efficientbioai.infer.outofcore import (
     PackedStores,
     fingerprint,
@@ -44,6 +44,7 @@ from efficientbioai.infer.outofcore import (
     use_out_of_core,
 )
 from efficientbioai.infer.predict import Prediction, Predictor
+from efficientbioai.infer.provenance import plan_outputs, predictor_settings
 from efficientbioai.infer.results import ImageRecord, InferResult, RunRecord, localization_note, score
 from efficientbioai.io import ChunkedOutput, expand_paths, read_image, read_pixel_size, write_image
 
@@ -59,6 +60,12 @@ def _log(msg: str, quiet: bool) -> None:
 
 def _squeeze_channel(x: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else x
+
+
+def _finite(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` where both are finite (all of them, unless filled inputs were marked NaN)."""
+    keep = np.isfinite(a) & np.isfinite(b)
+    return (a, b) if keep.all() else (a[keep], b[keep])
 
 
 def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
@@ -104,6 +111,16 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
         _log("loading the original model for comparison", quiet)
         engines.append(artifact.open_original(threads))
     predictors = [Predictor.from_artifact(manifest, e, cfg.tiling) for e in engines]
+    written_files = [output_files(o, manifest.output) for o in out_paths]
+    provenance, skips = plan_outputs(  # every existing output checked before any work
+        files,
+        written_files,
+        directory,
+        manifest.model.name,
+        engines[0].label,
+        predictor_settings(predictors[0], cfg),
+        cfg.overwrite,
+    )
     on_gpu = backend in GPU_BACKENDS
     meter = EnergyMeter(enabled=cfg.energy, gpu_index=nvml_index(cfg.gpu.index) if on_gpu else None)
     band_bytes = int(cfg.tiling.band_memory_mb * 2**20)
@@ -112,7 +129,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
     if cfg.distributed is not None:
         try:
             records = infer_distributed(
-                cfg, directory, manifest, files, targets, out_paths, predictors[0], quiet
+                cfg, directory, manifest, files, targets, out_paths, predictors[0], quiet, provenance, skips
             )
         finally:
             engines[0].close()
@@ -128,11 +145,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
             spatial = tuple(images[0].shape[1:])
             voxels = int(np.prod(spatial)) * len(images)
             record = ImageRecord(path, opath, tuple(raw.shape), "done")
-            written = output_files(opath, manifest.output)
-            if all(p.exists() for p in written) and not cfg.overwrite:
+            written = written_files[k]
+            if skips[k]:
                 _log(
-                    f"[{k + 1}/{len(files)}] {path.name}: {written[0]} exists, skipped (overwrite: true "
-                    "recomputes)",
+                    f"[{k + 1}/{len(files)}] {path.name}: {written[0]} exists, skipped: written by this model "
+                    "with these settings (overwrite: true recomputes)",
                     quiet,
                 )
                 record.status, record.output = "exists", written[0]
@@ -150,6 +167,11 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 records.append(record)
                 continue
             _log(f"[{k + 1}/{len(files)}] {path.name} {tuple(raw.shape)}", quiet)
+            images, filled = nonfinite.check(images, f"input: {path}", cfg.nonfinite, cfg.fill_value)
+            prov = provenance[k]
+            if filled:
+                _log(f"  {nonfinite.fill_note(path.name, filled, cfg.fill_value)}", quiet)
+                prov = {**prov, "filled_nonfinite": filled}
             out_channels = manifest.output.channels
             if use_out_of_core(
                 cfg.tiling.out_of_core,
@@ -181,6 +203,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     chunks=layout.chunks,
                     fingerprint=fingerprint(path, directory, predictor),
                     pixel_size=read_pixel_size(path),  # the input's pixel sizes carried over
+                    provenance=prov,
                 )
                 stores = None
                 if manifest.output.packed:  # each output to its own file; `out` keeps the progress
@@ -192,6 +215,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                         out.fingerprint,
                         read_pixel_size(path),
                         model_axes,
+                        prov,
                     )
                 _log(
                     f"  out of core: chunks of {layout.slab} plane(s) along the first axis written to "
@@ -276,7 +300,13 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     for run_preds in packed
                 ]
                 record.output = write_outputs(
-                    opath, named[0], model_axes, len(images) > 1, read_pixel_size(path), manifest.output
+                    opath,
+                    named[0],
+                    model_axes,
+                    len(images) > 1,
+                    read_pixel_size(path),
+                    manifest.output,
+                    prov,
                 )[0]
                 outputs = [next(iter(n.values())) for n in named]  # the first output is scored
             out_axes = ("b" if len(images) > 1 else "") + (
@@ -288,6 +318,7 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                     outputs[0],
                     axes=None if "b" in out_axes else out_axes,
                     pixel_size=read_pixel_size(path),
+                    provenance=prov,
                 )
             if not manifest.output.packed and wants_labels(
                 cfg.instance, task, several=outputs[0].ndim != len(model_axes) - 2
@@ -295,19 +326,26 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                 labels = metrics.instances_from_probability(
                     outputs[0], cfg.threshold, cfg.instance.method, cfg.instance.min_size
                 )
-                write_image(labels_path(opath), labels, axes=out_axes, pixel_size=read_pixel_size(path))
+                write_image(
+                    labels_path(opath),
+                    labels,
+                    axes=out_axes,
+                    pixel_size=read_pixel_size(path),
+                    provenance=labels_provenance(prov, cfg.instance, cfg.threshold),
+                )
             if tpath is not None:
                 target = read_target(tpath, outputs[0].shape, model_axes)
                 for run, out in zip(record.runs, outputs, strict=True):
                     run.metrics = score(task, out, target, cfg.threshold, cfg.instance)
             if len(outputs) == 2:
+                a, b = _finite(outputs[0], outputs[1])  # without the marked outputs of filled inputs
                 record.agreement = {
-                    "pearson": metrics.pearson(outputs[0], outputs[1]),
-                    "relative_l2": metrics.relative_l2(outputs[0], outputs[1]),
+                    "pearson": metrics.pearson(a, b),
+                    "relative_l2": metrics.relative_l2(a, b),
                 }
                 if manifest.output.packed:  # every output against the original's, by name
                     record.agreement = {
-                        f"pearson {name}": metrics.pearson(named[0][name], named[1][name])
+                        f"pearson {name}": metrics.pearson(*_finite(named[0][name], named[1][name]))
                         for name in named[0]
                     }
             records.append(record)

@@ -11,6 +11,7 @@ otherwise.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from efficientbioai.engines import Engine
 from efficientbioai.errors import EfficientBioAIError
 from efficientbioai.infer.merge import InMemoryMerger, Merger
 from efficientbioai.localize import SampleLocalizer, uncovered_fraction
+from efficientbioai.nonfinite import Filled
 from efficientbioai.packing import alignment
 from efficientbioai.processing import apply_steps, fix_statistics
 from efficientbioai.tiling import (
@@ -217,6 +219,12 @@ class Predictor:
             selection = self.localizer.select(image, grid, candidates, halo=self.halo)
             outside = {id(t) for t in selection.outside}
             skipped = [s or id(t) in outside for t, s in zip(tiles, skipped, strict=True)]
+        if isinstance(image, Filled) and any(skipped):  # filled voxels are run, so that they are marked
+            mask = image.mask
+            skipped = [
+                s and not np.asarray(mask[(slice(None), *t.target)]).any()
+                for t, s in zip(tiles, skipped, strict=True)
+            ]
         value = None
         if any(skipped):
             if self.localizer is not None and self.localizer.value is not None:
@@ -270,10 +278,17 @@ class Predictor:
         if progress is not None:
             progress.reset(total=len(todo))
 
+        # filled NaN / inf (nonfinite: fill): their outputs are marked NaN, tile by tile, so that every
+        # merger blends the same marks (after whole-image post-processing, when there is some)
+        mask = image.mask if isinstance(image, Filled) else None
+        masks: collections.deque = collections.deque()
+
         def batches() -> Iterator[np.ndarray]:
             for i in range(0, len(run), self.batch_size):
                 chunk = run[i : i + self.batch_size]
                 x = np.stack([grid.read(image, t) for t in chunk])
+                if mask is not None and not post_whole:
+                    masks.append([grid.read(mask, t)[0] > 0 for t in chunk])
                 yield apply_steps(x, plan.pre, self.axes) if plan.pre else x
 
         def outputs() -> Iterator[np.ndarray]:
@@ -281,6 +296,10 @@ class Predictor:
                 out = self._check(out, grid)
                 if post_tile:
                     out = apply_steps(out, post_tile, self.axes)
+                if mask is not None and not post_whole:
+                    out = out if out.flags.writeable else out.copy()
+                    for tile_out, bad in zip(out, masks.popleft(), strict=True):
+                        tile_out[:, bad] = np.nan
                 yield from out
 
         # a skipped tile that run tiles overlap is blended only where they do; the rest of it is the value
@@ -304,6 +323,8 @@ class Predictor:
         output = merger.finalize()
         if output is not None and post_whole:
             output = apply_steps(output[np.newaxis], post_whole, self.axes)[0]
+            if mask is not None:
+                output[:, np.asarray(mask)[0] > 0] = np.nan
         return Prediction(
             output=output,
             seconds=time.perf_counter() - t0,

@@ -182,7 +182,13 @@ def score(
     and ``instance`` are ``infer``'s settings for masks and instances."""
     if target is None or task is None:
         return {}
-    return metrics.task_metrics(task, pred, target, threshold=threshold, instance_method=instance.method)
+    marked = ~np.isfinite(pred)
+    if marked.any():  # outputs of filled NaN / inf inputs (nonfinite: fill): not scored, and said so
+        pred = np.where(marked, np.asarray(target, pred.dtype).reshape(pred.shape), pred)
+    out = metrics.task_metrics(task, pred, target, threshold=threshold, instance_method=instance.method)
+    if marked.any():
+        out["unscored_nonfinite"] = int(marked.sum())
+    return out
 
 
 def localization_note(pred: Prediction) -> str:

@@ -20,6 +20,7 @@ from efficientbioai.io.files import (
     output_format,
     remove_path,
 )
+from efficientbioai.io.provenance import set_zarr_attr, tiff_extratags
 from efficientbioai.io.write import create_zarr, zarr_chunks
 
 PROGRESS_FILE = "efficientbioai-progress.json"
@@ -123,6 +124,7 @@ class ChunkedOutput:
                 self.metadata.get("pixel_size"),
                 fill_value=fill_value,
             )
+            set_zarr_attr(self.store, self.metadata.get("provenance"))
             self._save()
         return self._array
 
@@ -163,6 +165,7 @@ class ChunkedOutput:
                         self.axes,
                         ome=is_ome_tiff(self.path),
                         pixel_size=self.metadata.get("pixel_size"),
+                        provenance=self.metadata.get("provenance"),
                     )
                     move_into_place(tmp, self.path)
                 except BaseException:
@@ -184,7 +187,12 @@ class ChunkedOutput:
 
 
 def _write_tiff_from(
-    tmp: Path, array: Any, axes: str | None, ome: bool, pixel_size: dict | None = None
+    tmp: Path,
+    array: Any,
+    axes: str | None,
+    ome: bool,
+    pixel_size: dict | None = None,
+    provenance: dict | None = None,
 ) -> None:
     """Write a lazily-read array (e.g. zarr) as a BigTIFF: 2D pages (the last two axes) in C order, read
     a chunk-thick slab at a time; pages over ``_TIFF_TILED_PAGE`` pixels as 256 × 256 tiles."""
@@ -225,6 +233,7 @@ def _write_tiff_from(
         bigtiff=True,
         photometric="minisblack",
         tile=(256, 256) if tiled else None,
+        extratags=tiff_extratags(provenance),
         **options,
     )
     with open(tmp, "rb") as fh:

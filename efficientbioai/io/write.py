@@ -32,6 +32,7 @@ from efficientbioai.io.files import (
     output_format,
     remove_path,
 )
+from efficientbioai.io.provenance import set_zarr_attr, tiff_extratags
 
 
 def write_image(
@@ -42,6 +43,7 @@ def write_image(
     axes: str | None = None,
     chunks: Sequence[int] | None = None,
     pixel_size: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``array`` to ``path`` atomically and return ``path``.
 
@@ -61,6 +63,9 @@ def write_image(
     for that), OME-XML ``PhysicalSize*`` for ``*.ome.tif``, and for a plain TIFF an ImageJ hyperstack
     description when the axes and data type allow it, else resolution tags plus the shaped description
     (:func:`efficientbioai.pixel_size.tiff_options`).
+
+    ``provenance`` (what produced the image, see :mod:`efficientbioai.io.provenance`) is recorded in a
+    TIFF's private tag or the zarr group's attributes (a ``.npy`` file has no room for it).
 
     The data are written to ``.<name>.partial-<random>`` next to ``path`` (parent folders are created)
     and renamed over ``path`` once complete; an existing zarr store at ``path`` is moved aside, replaced
@@ -103,9 +108,10 @@ def write_image(
     tmp = path.with_name(f".{path.name[:200]}.partial-{secrets.token_hex(TOKEN_CHARS // 2)}")
     try:
         if kind == "tiff":
-            _write_tiff(tmp, array, axes, ome=is_ome_tiff(path), pixel_size=sizes)
+            _write_tiff(tmp, array, axes, ome=is_ome_tiff(path), pixel_size=sizes, provenance=provenance)
         elif kind == "zarr":
             _write_zarr(tmp, array, axes, chunk_shape, name=name_stem(path.name), pixel_size=sizes)
+            set_zarr_attr(tmp, provenance)
         else:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(array), allow_pickle=False)
@@ -145,13 +151,26 @@ def zarr_chunks(
     return tuple(out)
 
 
-def _write_tiff(tmp: Path, array: Any, axes: str | None, ome: bool, pixel_size: dict | None = None) -> None:
+def _write_tiff(
+    tmp: Path,
+    array: Any,
+    axes: str | None,
+    ome: bool,
+    pixel_size: dict | None = None,
+    provenance: dict | None = None,
+) -> None:
     import tifffile
 
     from efficientbioai.pixel_size import tiff_options
 
     options = tiff_options(pixel_size or {}, axes, array.dtype, ome)
-    tifffile.imwrite(tmp, np.asarray(array), photometric="minisblack", **options)
+    tifffile.imwrite(
+        tmp,
+        np.asarray(array),
+        photometric="minisblack",
+        extratags=tiff_extratags(provenance),
+        **options,
+    )
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
 
