@@ -5,6 +5,14 @@ writing it, checking the files' checksums, and opening its engines (:meth:`Artif
 original model (:meth:`Artifact.open_original`). ``infer``, Cellpose, the benchmark, the bioimage.io
 export, the benchmarks and the tutorials all go through this module; none reads manifest keys by hand.
 
+The manifest is checksummed too: ``manifest.sha256`` beside it holds the sha256 of ``manifest.yaml``'s
+bytes (in ``sha256sum`` form, so ``sha256sum -c manifest.sha256`` checks it in a shell).
+:func:`write_manifest` writes both; :func:`read_manifest` refuses a manifest whose bytes no longer match
+(edited after ``compress`` wrote it) or that has no checksum (written by an older version). Every path
+the manifest names (engine files, ``files``) must stay inside the artifact directory, and every engine
+file must be one of the checksummed ``files``: :class:`Artifact` checks both when it opens the directory,
+and checks the checksums of exactly the files an engine opens before opening it.
+
 The parts ``infer`` depends on (model, input, output, engines, calibration, files) are typed; the
 measurement records (fidelity, latency, size, strategy, package test) are free-form dictionaries whose
 shape is documented where ``compress`` fills them (:mod:`efficientbioai.compress`).
@@ -13,7 +21,9 @@ shape is documented where ``compress`` fills them (:mod:`efficientbioai.compress
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import platform
+import re
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -26,8 +36,13 @@ from efficientbioai.errors import ConfigError, EfficientBioAIError
 from efficientbioai.models.base import sha256
 
 MANIFEST = "manifest.yaml"
+MANIFEST_CHECKSUM = "manifest.sha256"  # "<sha256 of manifest.yaml's bytes>  manifest.yaml\n"
 MANIFEST_VERSION = 1
 RECOMPRESS = "re-run `efficientbioai compress` with this version of efficientbioai to rebuild the artifact"
+EDITED = (
+    "re-run `efficientbioai compress` to rebuild the artifact (a manifest edited by hand cannot be trusted: "
+    "it says which files make the engines and what their checksums are)"
+)
 
 
 def versions() -> dict[str, str]:
@@ -189,24 +204,50 @@ def _plain(obj: Any) -> Any:
 
 
 def write_manifest(directory: Path, manifest: Manifest | dict[str, Any]) -> Manifest:
-    """Validate ``manifest`` and write it as ``directory/manifest.yaml``."""
+    """Validate ``manifest`` and write it as ``directory/manifest.yaml``, with its checksum beside it."""
     if not isinstance(manifest, Manifest):
         manifest = Manifest.model_validate(_plain(manifest))
-    (Path(directory) / MANIFEST).write_text(manifest.to_yaml())
+    data = manifest.to_yaml().encode("utf-8")
+    (Path(directory) / MANIFEST).write_bytes(data)
+    (Path(directory) / MANIFEST_CHECKSUM).write_text(f"{hashlib.sha256(data).hexdigest()}  {MANIFEST}\n")
     return manifest
 
 
-def read_manifest(directory: str | Path) -> Manifest:
-    """The manifest of the artifact in ``directory``, or a clear error (not an artifact, too old, damaged)."""
-    path = Path(directory) / MANIFEST
+def _recorded_checksum(directory: Path) -> str | None:
+    """The manifest's sha256 as ``manifest.sha256`` records it; None when there is no such file."""
+    path = directory / MANIFEST_CHECKSUM
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace").strip()
+    match = re.fullmatch(rf"([0-9a-fA-F]{{64}})(?:\s+\*?{re.escape(MANIFEST)})?", text)
+    if match is None:
+        raise EfficientBioAIError(
+            f"{path} is damaged: it does not hold the sha256 of {MANIFEST} (got {text[:80]!r})", EDITED
+        )
+    return match.group(1).lower()
+
+
+def _read(directory: str | Path) -> tuple[Manifest, str]:
+    """(the manifest, the sha256 of its bytes) of the artifact in ``directory``, or a clear error."""
+    directory = Path(directory)
+    path = directory / MANIFEST
     if not path.is_file():
         raise EfficientBioAIError(
             f"{directory} is not an efficientbioai artifact directory (no {MANIFEST})",
             "point at a directory written by `efficientbioai compress`",
         )
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    recorded = _recorded_checksum(directory)
+    if recorded is not None and recorded != digest:  # checked first: an edit explains whatever follows
+        raise EfficientBioAIError(
+            f"{directory}: {MANIFEST} was edited after compress wrote it (its sha256 is {digest}, "
+            f"{MANIFEST_CHECKSUM} records {recorded})",
+            EDITED,
+        )
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise EfficientBioAIError(f"{path} is not valid YAML: {exc}", RECOMPRESS) from exc
     if not isinstance(data, dict):
         raise EfficientBioAIError(f"{path} does not hold a manifest (a mapping)", RECOMPRESS)
@@ -217,13 +258,59 @@ def read_manifest(directory: str | Path) -> Manifest:
             RECOMPRESS,
         )
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise EfficientBioAIError(
             f"{path} was not written by this version of efficientbioai ({where}: {first['msg']})", RECOMPRESS
         ) from exc
+    if recorded is None:
+        raise EfficientBioAIError(
+            f"{directory} has no {MANIFEST_CHECKSUM} (the checksum of {MANIFEST}): it was written by an older "
+            "version of efficientbioai, or the file was removed",
+            RECOMPRESS,
+        )
+    return manifest, digest
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """The manifest of the artifact in ``directory``, or a clear error (not an artifact, too old, damaged,
+    edited after ``compress`` wrote it)."""
+    return _read(directory)[0]
+
+
+def manifest_paths(m: Manifest) -> list[tuple[str, str]]:
+    """(manifest key, path) for every path the manifest names inside the artifact."""
+    out = []
+    for key in ("onnx", "primary", "openvino"):
+        entry = getattr(m.engines, key)
+        if entry is not None and entry.path is not None:
+            out.append((f"engines.{key}.path", entry.path))
+    for key, value in (m.engines.tensorrt or {}).items():
+        if key in ("onnx", "plan", "path") and value is not None:
+            out.append((f"engines.tensorrt.{key}", str(value)))
+    out += [(f"files['{rel}']", rel) for rel in m.files]
+    return out
+
+
+def engine_files(m: Manifest, backend: str) -> list[tuple[str, str]]:
+    """(manifest key, path) of the files the engine of ``backend`` opens (an OpenVINO IR: .xml and .bin)."""
+    if backend == "openvino" and m.engines.openvino is not None and m.engines.openvino.path:
+        xml = m.engines.openvino.path
+        return [
+            ("engines.openvino.path", xml),
+            ("engines.openvino.path (its .bin)", str(Path(xml).with_suffix(".bin"))),
+        ]
+    if backend == "onnxruntime" and m.engines.onnx.path:
+        return [("engines.onnx.path", m.engines.onnx.path)]
+    if backend == "tensorrt" and m.engines.tensorrt:
+        return [
+            (f"engines.tensorrt.{k}", str(m.engines.tensorrt[k]))
+            for k in ("onnx", "plan")
+            if m.engines.tensorrt.get(k)
+        ]
+    return []
 
 
 def warn_if_int8_saturates(m: Manifest) -> None:
@@ -250,29 +337,106 @@ class Artifact:
 
     def __init__(self, directory: str | Path, manifest: Manifest | None = None):
         self.directory = Path(directory).expanduser().resolve()
-        self.manifest = manifest if manifest is not None else read_manifest(self.directory)
+        self._checksum: str | None = None
+        if manifest is None:
+            manifest, self._checksum = _read(self.directory)
+        self.manifest = manifest
+        self.check_paths()
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.directory)!r}, {self.manifest.model.name!r}, {self.manifest.precision})"
 
+    @property
+    def checksum(self) -> str:
+        """The sha256 (hex) of ``manifest.yaml``'s bytes: the artifact's identity, for provenance records.
+
+        Read when the artifact was opened (the bytes its manifest was parsed from), so it names exactly
+        the manifest this object holds; ``manifest.sha256`` records the same digest.
+        """
+        if self._checksum is None:
+            self._checksum = sha256(self.directory / MANIFEST)
+        return self._checksum
+
     def path(self, rel: str) -> Path:
         return self.directory / rel
 
-    def verify(self, prefix: str = "") -> None:
-        """Check the checksums of the files under ``prefix`` against the manifest."""
-        for rel, digest in self.manifest.files.items():
-            if not rel.startswith(prefix):
-                continue
+    def _inside(self, key: str, rel: str) -> Path:
+        """``rel`` (the manifest's ``key``) as a path inside the artifact, or an error naming both."""
+        where = f"{self.directory / MANIFEST}: {key}"
+        pure = rel.replace("\\", "/")
+        if not rel or pure.startswith("/") or re.match(r"^[A-Za-z]:", pure) or Path(rel).is_absolute():
+            problem = "is an absolute path"
+        elif ".." in pure.split("/"):
+            problem = "climbs out of the artifact directory ('..')"
+        else:
             path = self.directory / rel
-            if not path.is_file():
+            try:
+                path.resolve().relative_to(self.directory)
+                return path
+            except ValueError:
+                problem = f"resolves to {path.resolve()} (a link out of the artifact directory)"
+        raise EfficientBioAIError(
+            f"{where} '{rel}' {problem}: an artifact's files must be inside its directory",
+            f"the manifest was edited or a file was replaced by a link; {EDITED}",
+        )
+
+    def check_paths(self) -> None:
+        """Every path in the manifest stays inside the artifact, and every engine file is checksummed."""
+        m = self.manifest
+        for key, rel in manifest_paths(m):
+            self._inside(key, rel)
+        for backend in ("onnxruntime", "openvino", "tensorrt"):
+            for key, rel in engine_files(m, backend):
+                if rel not in m.files:
+                    raise EfficientBioAIError(
+                        f"{self.directory / MANIFEST}: {key} '{rel}' is not one of the manifest's checksummed "
+                        "files, so it cannot be checked before it is opened",
+                        EDITED,
+                    )
+
+    def verify_files(self, files: list[tuple[str, str]]) -> None:
+        """Check exactly these (manifest key, path) files: inside the artifact, listed, checksum unchanged."""
+        for key, rel in files:
+            path = self._inside(key, rel)
+            digest = self.manifest.files.get(rel)
+            if digest is None:
                 raise EfficientBioAIError(
-                    f"{path} is listed in the manifest but missing", "re-run `efficientbioai compress`"
+                    f"{self.directory / MANIFEST}: {key} '{rel}' is not one of the manifest's checksummed files",
+                    EDITED,
                 )
-            if sha256(path) != digest:
+            self._check_file(path, digest)
+
+    def _check_file(self, path: Path, digest: str) -> None:
+        if not path.is_file():
+            raise EfficientBioAIError(
+                f"{path} is listed in the manifest but missing", "re-run `efficientbioai compress`"
+            )
+        actual = sha256(path)
+        if actual != digest:
+            raise EfficientBioAIError(
+                f"{path} was changed after `efficientbioai compress` wrote it (sha256 {actual}, the manifest "
+                f"records {digest})",
+                "re-run `efficientbioai compress` to rebuild the artifact",
+            )
+
+    def verify(self, prefix: str = "") -> None:
+        """Check the checksums of the files under ``prefix`` against the manifest.
+
+        Without a prefix, the whole artifact: the manifest's own checksum (``manifest.sha256``; the
+        manifest on disk must still be the one this object holds), its paths, and every file.
+        """
+        if not prefix:
+            _, digest = _read(self.directory)
+            if digest != self.checksum:
                 raise EfficientBioAIError(
-                    f"{path} was changed after `efficientbioai compress` wrote it (checksum differs)",
-                    "re-run `efficientbioai compress` to rebuild the artifact",
+                    f"{self.directory}: {MANIFEST} was edited after compress wrote it (it changed after this "
+                    "artifact was opened)",
+                    EDITED,
                 )
+            self.check_paths()
+        for rel, digest in self.manifest.files.items():
+            if rel.startswith(prefix):
+                self._check_file(self._inside(f"files['{rel}']", rel), digest)
 
     def open_engine(
         self, backend: str | None = None, threads: int = 1, hint: str = "THROUGHPUT", **gpu_options: Any
@@ -299,7 +463,7 @@ class Artifact:
                     f"backend: {self.directory} has no OpenVINO engine (built: {', '.join(m.engines.built())})",
                     "compress with export.targets: [openvino], or use backend: onnxruntime",
                 )
-            self.verify("openvino/")
+            self.verify_files(engine_files(m, "openvino"))  # exactly the files it opens
             precision = m.precision if m.precision == "int8" else ov.requested_precision
             if m.precision == "int8":
                 warn_if_int8_saturates(m)
@@ -309,7 +473,7 @@ class Artifact:
             engine.label = f"openvino {m.precision}"
             return engine
         if backend == "onnxruntime":
-            self.verify("model.onnx")
+            self.verify_files(engine_files(m, "onnxruntime"))
             engine = OnnxRuntimeEngine(self.directory / m.engines.onnx.path, threads)
             engine.label = "onnxruntime fp32"
             return engine
@@ -374,7 +538,11 @@ class Artifact:
                 )
             require_cuda("backend tensorrt", gpu.index)
             require_tensorrt()
-            self.verify("tensorrt/")
+            # the files it opens, and the rest of tensorrt/ (an ONNX graph's external data)
+            opened = engine_files(m, "tensorrt")
+            seen = {rel for _, rel in opened}
+            rest = [(f"files['{r}']", r) for r in m.files if r.startswith("tensorrt/") and r not in seen]
+            self.verify_files(opened + rest)
             profile = profile_shapes(
                 tile_shape or tuple(m.calibration.tile_shape),
                 m.input.channels,
@@ -391,7 +559,7 @@ class Artifact:
             from efficientbioai.engines import OnnxRuntimeEngine
 
             require_cuda(f"backend {backend}", gpu.index)
-            self.verify("model.onnx")
+            self.verify_files(engine_files(m, "onnxruntime"))
             engine = OnnxRuntimeEngine(
                 self.directory / m.engines.onnx.path,
                 threads,

@@ -287,16 +287,41 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _short_warning
     if getattr(args, "quiet", False):
         warnings.filterwarnings("ignore")
+    from efficientbioai.io.files import disk_full, disk_full_error
+
     try:
         return args.func(args)
-    except EfficientBioAIError as exc:
+    except KeyboardInterrupt:
+        _interrupted()
+        return 130
+    except Exception as exc:
+        full = disk_full(exc)  # whatever step met it (ONNX export, OpenVINO, TIFF writer): said as it is
+        if full is not None:
+            exc = disk_full_error(full)
+        if not isinstance(exc, EfficientBioAIError):
+            raise
         print(f"error: {exc.problem}", file=sys.stderr)
         if exc.fix:
             print(f"  how to fix: {exc.fix}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output", file=sys.stderr)
-        return 130
+
+
+def _interrupted() -> None:
+    """What an interrupted command left: the resumable part of out-of-core outputs, else nothing."""
+    from efficientbioai.io.chunked import in_progress
+
+    kept = in_progress()
+    if not kept:
+        print("interrupted: nothing unfinished was left in the output", file=sys.stderr)
+        return
+    print("interrupted: the finished part of these outputs was kept for resuming:", file=sys.stderr)
+    for store, path in kept:
+        print(f"  {path.name}: {store}", file=sys.stderr)
+    print(
+        "  run the same command again to go on where it stopped (with other settings or another model "
+        "it starts afresh); delete the .partial folders to discard them",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

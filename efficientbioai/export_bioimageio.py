@@ -7,14 +7,18 @@ The package holds:
   ilastik, deepImageJ...) run it like any other ONNX model;
 * ``openvino_<precision>.xml`` / ``.bin``: the compressed OpenVINO engine (int8 / bf16 / fp16), and
   ``efficientbioai_manifest.yaml``, as attachments: bioimage.io has no weight format for them;
-* test tensors: the source bioimage.io package's test input (and its test output when the weights still
-  reproduce it); otherwise a tile of the first calibration image (or ``--sample``) and the weights' output
-  on it, as ``.npy``;
+* test tensors: a tile of ``--sample`` when given; else the source bioimage.io package's test input (and
+  its test output when the weights still reproduce it); else a tile of the first calibration image; with
+  the weights' output on it, as ``.npy``;
 * a cover (input | output), a README with what was done to the model and how close the compressed engine
   stays to the original (from the manifest), and ``config.efficientbioai`` with the same facts as data.
 
 The description is validated with ``bioimageio.spec`` (the optional extra ``efficientbioai[bioimageio]``)
-before the package is moved into place; a package that does not validate is not written.
+before the package is moved into place; a package that does not validate is not written. Nor is one from
+an artifact that fails :meth:`~efficientbioai.artifact.Artifact.verify` (its manifest and every file
+checked), or whose files no longer compute what ``compress`` measured: on the test input, the compressed
+engine (and the ONNX weights, against a source package's test output) must agree with the reference at
+a Pearson r no lower than :func:`reproduction_limit` of the figure ``compress`` recorded.
 """
 
 from __future__ import annotations
@@ -30,13 +34,26 @@ import numpy as np
 import tifffile
 import yaml
 
-from efficientbioai.artifact import Manifest, read_manifest
+from efficientbioai.artifact import Artifact, Manifest
 from efficientbioai.errors import EfficientBioAIError
 from efficientbioai.models.base import sha256
 
 FORMAT_VERSION = "0.5.4"
 RDF = "rdf.yaml"
 _TOLERANCE = 1e-3  # bioimage.io's default relative and absolute test tolerance
+_SLACK = 0.02  # the least Pearson drop allowed below compress's figure on the one test tensor
+_SLACK_L2 = 0.05  # the least relative L2 allowed on it (4 × compress's figure where that is larger)
+
+
+def reproduction_limit(recorded: float) -> float:
+    """The lowest Pearson r the test tensor may give where ``compress`` measured ``recorded``.
+
+    One test tile is not the held-out set, so the drop from 1 may be twice what was measured, and at least
+    ``_SLACK``: a compressed engine at r 0.99998 must reach 0.97998; a damaged or swapped one (r 0.4) fails.
+    """
+    return float(recorded) - max(_SLACK, 2 * (1 - float(recorded)))
+
+
 _AXIS_NAME = {"b": "batch", "c": "channel"}
 
 
@@ -92,6 +109,7 @@ def _sample_input(manifest: Manifest, sample: Path | None, sample_axes: str | No
     from efficientbioai.sampling import pad_to
 
     axes = manifest.input.axes
+    where = f"--sample {sample}"
     if sample is None:
         images = [Path(p) for p in manifest.calibration.images if Path(p).exists()]
         if not images:
@@ -100,7 +118,29 @@ def _sample_input(manifest: Manifest, sample: Path | None, sample_axes: str | No
                 "pass --sample IMAGE (a TIFF / NPY image like the ones the model runs on)",
             )
         sample = images[0]
-    image = to_model_layout(read_image(sample), sample_axes, axes, f"--sample {sample}")
+        where = f"the calibration image {sample}"
+    try:
+        raw = read_image(sample)
+        if raw.size == 0:  # tifffile reads some damaged TIFFs as an empty array
+            raise EfficientBioAIError(
+                f"{sample} holds no pixels (shape {tuple(raw.shape)}): it is empty, truncated or not an image",
+                "pass --sample IMAGE (a TIFF / NPY image like the ones the model runs on)",
+            )
+        image = np.asarray(to_model_layout(raw, sample_axes, axes, where), np.float32)
+    except EfficientBioAIError as exc:
+        raise EfficientBioAIError(
+            f"{where} cannot be used for the package's test tensors: {exc.problem}",
+            exc.fix or "pass --sample IMAGE (a TIFF / NPY image like the ones the model runs on)",
+        ) from exc
+    except Exception as exc:  # a file that its reader chokes on
+        raise EfficientBioAIError(
+            f"{where} cannot be read as an image ({type(exc).__name__}: {str(exc)[:200]})",
+            "pass --sample IMAGE (a TIFF / NPY image like the ones the model runs on)",
+        ) from exc
+    if not np.isfinite(image).all():
+        raise EfficientBioAIError(
+            f"{where} holds NaN or infinite values", "pass --sample IMAGE with finite values"
+        )
     tile = tuple(int(t) for t in manifest.calibration.tile_shape)
     image = pad_to(np.asarray(image, np.float32), tile)
     start = [(s - t) // 2 for s, t in zip(image.shape[1:], tile, strict=True)]
@@ -238,13 +278,48 @@ def readme(
 
 
 def _source_package(manifest: Manifest):
-    """The source bioimage.io package, when the model came from one that is still on disk."""
-    from efficientbioai.models.bioimageio import Package
+    """The source bioimage.io package (its checksums verified), when the model came from one still on disk.
 
-    rdf = manifest.model.fact("rdf")
-    if manifest.model.kind != "bioimageio" or not rdf or not Path(rdf).is_file():
+    A package from a zip is recorded as ``package`` (the zip; ``rdf`` is then ``<zip>!/<member>``).
+    """
+    from efficientbioai.models.bioimageio import open_package
+
+    where = manifest.model.fact("package") or manifest.model.fact("rdf")
+    if manifest.model.kind != "bioimageio" or not where or not Path(where).is_file():
         return None
-    return Package(Path(rdf))
+    return open_package(Path(where))
+
+
+def _check_reproduces(
+    artifact: Path,
+    what: str,
+    check: dict[str, Any],
+    key: str,
+    out: np.ndarray,
+    ref: np.ndarray,
+    measured: str,
+) -> None:
+    """Refuse the export when ``out`` (``what``'s output) does not reproduce ``ref`` on the test input.
+
+    Both figures must fail: Pearson r below ``check["limit"]`` and relative L2 above
+    ``check["relative_l2_limit"]`` (a nearly constant output, e.g. a background tile, can have a low r
+    and still be right). ``check[key]`` and ``check[key + "_relative_l2"]`` record them.
+    """
+    from efficientbioai.metrics import pearson, relative_l2
+
+    r, rl2 = pearson(out, ref), relative_l2(out, ref)
+    check[key], check[f"{key}_relative_l2"] = r, rl2
+    if r >= check["limit"] or rl2 <= check["relative_l2_limit"]:  # NaN fails both
+        return
+    raise EfficientBioAIError(
+        f"{artifact}: the package's test output does not reproduce: {what} gives Pearson r {r:.5f} and "
+        f"relative L2 {rl2:.3g} to {check['against']} on the test input, beyond the limits r "
+        f"{check['limit']:.5f} and relative L2 {check['relative_l2_limit']:.3g} (compress measured r "
+        f"{check['recorded_pearson']:.5f} {measured}); the artifact's files no longer compute what compress "
+        "measured, so no package was written",
+        "re-run `efficientbioai compress` to rebuild the artifact (its files were changed, and its manifest "
+        "rewritten to match), then export again",
+    )
 
 
 def _axes_in(manifest: Manifest, pkg, tensor_id: str) -> list[dict[str, Any]]:
@@ -312,7 +387,9 @@ def export_bioimageio(
     from efficientbioai.metrics import pearson
 
     artifact = Path(artifact).expanduser()
-    manifest = read_manifest(artifact)
+    art = Artifact(artifact)
+    art.verify()  # the manifest's own checksum, its paths and every file, before anything is read
+    manifest = art.manifest
     if manifest.output.packed:
         raise EfficientBioAIError(
             f"{artifact}: the network has several outputs, or one at another scale or size "
@@ -328,6 +405,8 @@ def export_bioimageio(
         )
     as_zip = output.suffix.lower() == ".zip"
     threads = threads or default_threads()
+    # read before anything is written: a --sample that cannot be used is an error, never ignored
+    x_sample = _sample_input(manifest, Path(sample), sample_axes) if sample is not None else None
     pkg = _source_package(manifest)
     ndim = manifest.input.ndim
     if pkg is None and license is None:
@@ -340,28 +419,33 @@ def export_bioimageio(
     try:
         folder = tmp / "package"
         folder.mkdir()
-        shutil.copyfile(artifact / "model.onnx", folder / "weights.onnx")
+        shutil.copyfile(art.path(manifest.engines.onnx.path), folder / "weights.onnx")
         files: dict[str, str] = {"weights": "weights.onnx"}
         attachments = []
         ov = manifest.engines.openvino
         if ov:
             stem = f"openvino_{manifest.precision}"
-            xml = artifact / ov.path
+            xml = art.path(ov.path)
             shutil.copyfile(xml, folder / f"{stem}.xml")
             shutil.copyfile(xml.with_suffix(".bin"), folder / f"{stem}.bin")
             files.update(openvino_xml=f"{stem}.xml", openvino_bin=f"{stem}.bin")
             attachments += [f"{stem}.xml", f"{stem}.bin"]
-        shutil.copyfile(artifact / "manifest.yaml", folder / "efficientbioai_manifest.yaml")
+        shutil.copyfile(art.path("manifest.yaml"), folder / "efficientbioai_manifest.yaml")
         attachments.append("efficientbioai_manifest.yaml")
 
-        # test tensors: the source package's when the weights reproduce them, else regenerated
+        # test tensors: --sample's, else the source package's (its output when the weights reproduce it)
+        source_out = None
         with OnnxRuntimeEngine(folder / "weights.onnx", threads) as weights_engine:
-            source_in, source_out = pkg.test_tensors() if pkg is not None else ([], [])
+            source_in, source_out_all = (
+                pkg.test_tensors() if pkg is not None and x_sample is None else ([], [])
+            )
             if source_in:
                 x = np.asarray(source_in[0], np.float32)
                 y = y_weights = _run(weights_engine, x, manifest)
-                if source_out and _close(y, np.asarray(source_out[0], np.float32)):
-                    y, how = np.asarray(source_out[0], np.float32), "source package"
+                if source_out_all:
+                    source_out = np.asarray(source_out_all[0], np.float32)
+                if source_out is not None and _close(y, source_out):
+                    y, how = source_out, "source package"
                     note = (
                         "`test_input.npy` and `test_output.npy` are the source bioimage.io package's own test "
                         "tensors; these weights reproduce the output within bioimage.io's tolerance."
@@ -374,7 +458,7 @@ def export_bioimageio(
                         "bioimage.io's tolerance, e.g. after pruning: see the fidelity table)."
                     )
             else:
-                x = _sample_input(manifest, Path(sample) if sample else None, sample_axes)
+                x = x_sample if x_sample is not None else _sample_input(manifest, None, sample_axes)
                 y = y_weights = _run(weights_engine, x, manifest)
                 how = "regenerated"
                 note = (
@@ -382,13 +466,35 @@ def export_bioimageio(
                     + (f"`{Path(sample).name}`" if sample else "the first calibration image")
                     + "; `test_output.npy` is what these weights compute from it."
                 )
+        # the files must still compute what compress measured (a real check, not only a figure reported)
+        recorded, measured = (
+            manifest.fidelity["pearson"],
+            f"on {manifest.fidelity.get('tiles', '?')} held-out tiles",
+        )
+        against_source = source_out is not None and source_out.shape == y_weights.shape
+        if against_source and (manifest.package_test or {}).get("compressed_pearson_to_original") is not None:
+            recorded, measured = manifest.package_test["compressed_pearson_to_original"], "on this test input"
+        reference = "the source package's test output" if against_source else "the weights' output"
+        engine_ref = source_out if against_source else y_weights
+        check: dict[str, Any] = {
+            "against": reference,
+            "recorded_pearson": recorded,
+            "limit": reproduction_limit(recorded),
+            "relative_l2_limit": max(_SLACK_L2, 4 * float(manifest.fidelity.get("relative_l2") or 0)),
+        }
+        if against_source:
+            what = "weights.onnx (the artifact's model.onnx)"
+            _check_reproduces(artifact, what, check, "weights_pearson", y_weights, source_out, measured)
         np.save(folder / "test_input.npy", x)
         np.save(folder / "test_output.npy", y)
         agreement = None
         if ov:
             precision = manifest.precision if manifest.precision == "int8" else ov.requested_precision
             with OpenVINOEngine(folder / files["openvino_xml"], precision, threads) as engine:
-                agreement = pearson(_run(engine, x, manifest), y)
+                y_engine = _run(engine, x, manifest)
+            agreement = pearson(y_engine, y)
+            what = f"the compressed OpenVINO engine ({manifest.precision})"
+            _check_reproduces(artifact, what, check, "engine_pearson", y_engine, engine_ref, measured)
         cover_png(folder / "cover.png", x, y, ndim)
         tifffile.imwrite(folder / "sample_input.tif", x)
         tifffile.imwrite(folder / "sample_output.tif", y)
@@ -426,9 +532,7 @@ def export_bioimageio(
             "license": license or doc.get("license"),
             "documentation": "README.md",
             "covers": ["cover.png"],
-            "tags": sorted(
-                set((doc.get("tags") or []) + ["efficientbioai", manifest.precision, "openvino"])
-            ),
+            "tags": sorted(set((doc.get("tags") or []) + ["efficientbioai", manifest.precision, "openvino"])),
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "inputs": [
                 {
@@ -473,7 +577,9 @@ def export_bioimageio(
                 }
             },
             "attachments": [{"source": a, "sha256": sha256(folder / a)} for a in attachments],
-            "config": {"efficientbioai": _config_facts(manifest, files, how, agreement)},
+            "config": {
+                "efficientbioai": {**_config_facts(manifest, files, how, agreement), "test_check": check}
+            },
         }
         maintainers = [
             {k: v for k, v in a.items() if k in ("name", "github_user")} for a in doc.get("maintainers") or []

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from efficientbioai.artifact import Manifest
+from efficientbioai.artifact import Manifest, write_manifest
 
 BASE: dict[str, Any] = {
     "created": "2026-01-01T00:00:00+00:00",
@@ -27,3 +28,9 @@ BASE: dict[str, Any] = {
 def manifest_stub(**parts: Any) -> Manifest:
     """BASE with the given top-level parts replaced (whole parts, not merged)."""
     return Manifest.model_validate({**BASE, **parts})
+
+
+def write_manifest_stub(directory: Path, **parts: Any) -> Manifest:
+    """Write :func:`manifest_stub` into ``directory`` as compress does (manifest.yaml and its checksum)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_manifest(directory, manifest_stub(**parts))

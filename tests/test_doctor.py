@@ -20,7 +20,7 @@ from efficientbioai.doctor import (
 )
 
 from .conftest import run_cli
-from .manifests import manifest_stub
+from .manifests import write_manifest_stub
 
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -184,8 +184,7 @@ def test_config_that_can_run_passes(tmp_path):
 
 def test_infer_config_needs(tmp_path):
     artifact = tmp_path / "art"
-    artifact.mkdir()
-    (artifact / "manifest.yaml").write_text(manifest_stub(model={"name": "nuclei", "kind": "cellpose"}).to_yaml())
+    write_manifest_stub(artifact, model={"name": "nuclei", "kind": "cellpose"})
     cfg = _write(
         tmp_path,
         "infer.yaml",
@@ -207,7 +206,8 @@ def test_infer_config_needs(tmp_path):
     cfg2 = _write(tmp_path, "infer2.yaml", {"model": str(tmp_path / "nope"), "input": "x", "output": "o"})
     needs2 = config_needs(cfg2, libs, gpu_report())[1]
     assert any(not n.ok and "nope" in n.what for n in needs2)
-    # an artifact written by another version is named, with the fix
+    # an artifact written by another version (no manifest checksum beside it) is named, with the fix
+    (artifact / "manifest.sha256").unlink()
     (artifact / "manifest.yaml").write_text(yaml.safe_dump({"manifest_version": 1, "model": {"kind": "cellpose"}}))
     old = [n for n in config_needs(cfg, libs, gpu_report())[1] if not n.ok and "art" in n.what]
     assert old and "not written by this version" in old[0].why and "re-run `efficientbioai compress`" in old[0].fix

@@ -53,7 +53,7 @@ from efficientbioai.compress.tables import result_table
 from efficientbioai.config import CompressConfig
 from efficientbioai.engines import Engine, OnnxRuntimeEngine, OpenVINOEngine, default_threads
 from efficientbioai.errors import ConfigError, EfficientBioAIError
-from efficientbioai.io.files import make_umask_mode
+from efficientbioai.io.files import check_writable, make_umask_mode
 from efficientbioai.models import LoadedModel, load_model
 from efficientbioai.models.base import sha256
 
@@ -269,6 +269,8 @@ def _latency(ctx: BuildContext, ref: Reference, chosen: Candidate) -> dict[str, 
 
 
 def _original_bytes(loaded: LoadedModel) -> int | None:
+    if loaded.source.get("weights_bytes"):  # a file inside a package (a zip's member has no path of its own)
+        return int(loaded.source["weights_bytes"])
     for key in ("weights_file", "path"):
         p = loaded.source.get(key)
         if p and Path(p).is_file():
@@ -294,7 +296,7 @@ def _prepare_output(cfg: CompressConfig) -> Path:
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {cfg.output} exists and is not a directory", "choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(out.parent, "output")  # before the model is loaded: not after minutes of work
     return out
 
 

@@ -53,10 +53,26 @@ def _format_errors(err: ValidationError, model: type[BaseModel], source: str) ->
 
 def read_config_file(path: Path, overrides: dict | None = None, examples: str = "configs/") -> dict:
     """A YAML config file as a mapping, with the non-None ``overrides`` (command-line options) applied."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder, not a config file", "give the YAML file itself")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}", "check the path given to --config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+        if b"\0" in raw[:8192]:
+            raise UnicodeDecodeError("utf-8", raw[:1], 0, 1, "a NUL byte")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a text file (it holds binary data: {exc.reason}), so it cannot be a YAML config",
+            f"give the YAML config file (see {examples} for examples), not an image or a model",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc})", "check the file's permissions"
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"{path} is not valid YAML: {exc}", "fix the indentation / syntax at that line"

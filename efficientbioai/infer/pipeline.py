@@ -47,6 +47,7 @@ from efficientbioai.infer.predict import Prediction, Predictor
 from efficientbioai.infer.provenance import plan_outputs, predictor_settings
 from efficientbioai.infer.results import ImageRecord, InferResult, RunRecord, localization_note, score
 from efficientbioai.io import ChunkedOutput, expand_paths, read_image, read_pixel_size, write_image
+from efficientbioai.io.files import check_writable
 
 KIND_PIPELINES: dict[str, str] = {"cellpose": "efficientbioai.cellpose.infer:infer_cellpose"}
 """Model kinds whose artifacts ``infer`` hands to their own pipeline (``module:function``, imported on use;
@@ -74,10 +75,18 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
 
     artifact = Artifact(cfg.model)
     directory, manifest = artifact.directory, artifact.manifest
+    check_writable(cfg.output.expanduser(), "output")  # before any engine runs
     own = KIND_PIPELINES.get(manifest.model.kind or "")
     if own is not None:  # e.g. cellpose: it tiles and makes the masks itself
         module, _, name = own.partition(":")
         return getattr(importlib.import_module(module), name)(cfg, artifact, quiet=quiet)
+    if "cellpose" in cfg.model_fields_set:
+        raise ConfigError(
+            f"cellpose: settings were given, but {directory} holds a '{manifest.model.kind}' model "
+            f"('{manifest.model.name}'), not a Cellpose one, so they would be ignored",
+            "remove the cellpose section, or point model at an artifact compressed from a Cellpose model "
+            "(model.kind: cellpose)",
+        )
     model_axes = manifest.input.axes
     files = expand_paths(cfg.input, "input")
     targets = target_files(cfg, len(files))
@@ -242,14 +251,17 @@ def infer(cfg: InferConfig, *, quiet: bool = False) -> InferResult:
                         slabs = blocks(spatial, (layout.slab, *spatial[1:]))
                         write_labels_blockwise(cfg.instance, cfg.threshold, out, layout, slabs)
                     out.commit()
+                tiles = sum(p.tiles for p in preds)
+                resumed = tiles - sum(p.visited for p in preds)  # written by an interrupted run
                 run = RunRecord(
                     engines[0].label,
                     sum(p.seconds for p in preds),
-                    voxels,
+                    round(voxels * (tiles - resumed) / tiles) if tiles else voxels,  # about what ran now
                     m.reading,
-                    tiles=sum(p.tiles for p in preds),
+                    tiles=tiles,
                     skipped=sum(p.skipped for p in preds),
                     skipped_fraction=sum(p.skipped_fraction for p in preds) / len(preds),
+                    resumed=resumed,
                 )
                 for p in preds:
                     if p.localization is not None:

@@ -68,6 +68,7 @@ class Prediction:
     background_threshold: float | None = None
     tile_shape: tuple[int, ...] = ()
     computed: int = 0  # tiles sent to the engine in this call (fewer when a run resumes)
+    visited: int = 0  # tiles run or given the background value in this call (all but a resumed run's)
     skipped_fraction: float = 0.0  # of the voxels, covered by no run tile (they hold the background value)
     localization: Any = None  # efficientbioai.localize.Localization when sample localisation ran
 
@@ -333,6 +334,7 @@ class Predictor:
             background_threshold=plan.threshold,
             tile_shape=grid.tile,
             computed=len(run),
+            visited=len(todo),
             skipped_fraction=plan.skipped_fraction,
             localization=plan.localization,
         )

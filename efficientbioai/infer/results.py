@@ -27,6 +27,7 @@ class RunRecord:
     skipped: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     skipped_fraction: float | None = None  # voxels no engine computed (background value), of all voxels
+    resumed: int = 0  # tiles an earlier, interrupted run had written (not run now); tiles counts them too
 
     def as_dict(self) -> dict[str, Any]:
         e = self.energy
@@ -38,6 +39,7 @@ class RunRecord:
             "energy_method": e.method if e else None,
             "tiles": self.tiles,
             "skipped_tiles": self.skipped,
+            "resumed_tiles": self.resumed,
             "skipped_voxel_fraction": self.skipped_fraction,
             "metrics": self.metrics,
         }
@@ -86,7 +88,7 @@ class InferResult:
                         f"{r.seconds:.2f} s" if r.seconds is not None else "exists",
                         f"{r.voxels / r.seconds / 1e6:.2f}" if r.seconds else "-",
                         format_energy(r.energy) if r.energy else "-",
-                        f"{r.tiles} ({r.skipped})" if r.tiles else "-",
+                        _tiles(r),
                         *([_percent(r.skipped_fraction)] if skipping else []),
                         *[f"{r.metrics[k]:.4f}" if k in r.metrics else "-" for k in metric_names],
                     ]
@@ -173,6 +175,15 @@ def _percent(fraction: float | None) -> str:
 def energy_note(readings: list[EnergyReading | None]) -> str | None:
     """'energy: <how it was obtained> — <sources>' for the readings that have a figure."""
     return energy_summary(readings)
+
+
+def _tiles(r: RunRecord) -> str:
+    """The tiles column: tiles this run visited (skipped ones), and those a resumed run found written."""
+    if not r.tiles:
+        return "-"
+    if r.resumed:
+        return f"{r.tiles - r.resumed} ({r.skipped}) + {r.resumed} resumed"
+    return f"{r.tiles} ({r.skipped})"
 
 
 def score(

@@ -30,6 +30,15 @@ PROGRESS_FILE = "efficientbioai-progress.json"
 _TIFF_TILED_PAGE = 1 << 24
 
 
+_IN_PROGRESS: dict[Path, Path] = {}  # temporary store → the output it becomes (this process's)
+
+
+def in_progress() -> list[tuple[Path, Path]]:
+    """(temporary store, output) of every :class:`ChunkedOutput` of this process that is neither committed
+    nor discarded but holds data: what an interrupted run leaves for the next one to resume."""
+    return [(s, p) for s, p in _IN_PROGRESS.items() if s.is_dir()]
+
+
 class ChunkedOutput:
     """An output image written region by region (out of core), atomically and resumably.
 
@@ -97,6 +106,7 @@ class ChunkedOutput:
                 if record.get("fingerprint") == token and tuple(self._array.shape) == self.shape:
                     self._done = {str(k): list(v) for k, v in record.get("done", {}).items()}
                     self.resumed = True
+                    _IN_PROGRESS[self.store] = self.path
             except Exception:  # unreadable leftovers: start again
                 self.resumed = False
         self.dtype = np.dtype(dtype)
@@ -126,6 +136,7 @@ class ChunkedOutput:
             )
             set_zarr_attr(self.store, self.metadata.get("provenance"))
             self._save()
+            _IN_PROGRESS[self.store] = self.path
         return self._array
 
     def finished_count(self) -> int:
@@ -150,6 +161,7 @@ class ChunkedOutput:
 
     def commit(self) -> Path:
         """Make the finished output visible at :attr:`path` (see the class docstring)."""
+        _IN_PROGRESS.pop(self.store, None)
         try:
             if self.kind == "zarr":
                 self._progress_path.unlink(missing_ok=True)
@@ -183,6 +195,7 @@ class ChunkedOutput:
 
     def discard(self) -> None:
         """Delete the temporary store (nothing is resumed later)."""
+        _IN_PROGRESS.pop(self.store, None)
         remove_path(self.store)
 
 

@@ -9,10 +9,12 @@ only once complete, so an interrupted run never leaves a file or store that look
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
 from efficientbioai.errors import EfficientBioAIError
@@ -177,3 +179,50 @@ def remove_path(path: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "a file grew over the size limit"}
+if hasattr(errno, "EDQUOT"):
+    DISK_ERRNOS[errno.EDQUOT] = "the disk quota is exhausted"
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The out-of-space error (disk full, quota, file size limit) behind ``exc``, if there is one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_error(exc: OSError, what: str = "the output") -> EfficientBioAIError:
+    """A clear error for an out-of-space ``exc`` met while writing ``what``."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return EfficientBioAIError(
+        f"writing {what} failed: {DISK_ERRNOS[exc.errno]}{where}",
+        "free some disk space (or raise the quota / file size limit), or write to another disk; "
+        "nothing half-written was left in place, so run the same command again",
+    )
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` (with its parents) and check that files can be made in it, before any work.
+
+    A probe file is made and removed (``os.access`` is wrong for root, ACLs and read-only mounts)."""
+    fix = f"choose a {what} in a folder you may write to, or fix the folder's permissions"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EfficientBioAIError(
+            f"{what}: cannot create the folder {folder} ({type(exc).__name__}: {exc.strerror or exc})", fix
+        ) from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".efficientbioai-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EfficientBioAIError(
+            f"{what}: cannot write in {folder} ({type(exc).__name__}: {exc.strerror or exc})", fix
+        ) from None

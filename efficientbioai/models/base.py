@@ -281,6 +281,86 @@ def _describe_outputs(loaded: LoadedModel, config: ModelConfig) -> None:
     loaded.source["outputs"] = [o.name for o in described]
 
 
+# ONNX ops whose initializer inputs are weights (an infinite value there is damage, not a mask or a bound)
+_WEIGHT_OPS = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "PRelu",
+}
+
+
+def _bad_values(name: str, values: np.ndarray, allow_inf: bool) -> str | None:
+    """How ``values`` are not finite (``name``: NaN count, inf count), or None when they are fine."""
+    nan = int(np.isnan(values).sum())
+    inf = 0 if allow_inf else int(np.isinf(values).sum())
+    if not nan and not inf:
+        return None
+    counts = " and ".join(
+        part for part in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if part
+    )
+    return f"'{name}' (shape {tuple(values.shape)}) holds {counts} value(s) of {values.size}"
+
+
+def check_finite(loaded: LoadedModel) -> None:
+    """Refuse a network whose weights hold NaN or infinite values, naming the first such parameter.
+
+    NaN is refused anywhere (PyTorch parameters and buffers, ONNX initializers and constants); an
+    infinite value is refused in PyTorch parameters and normalisation statistics, and in the ONNX
+    initializers that feed weight inputs (convolutions, matrix products, normalisations): elsewhere
+    ±inf is a legitimate bound or mask value (a Clip's max, an attention mask).
+    """
+    bad = None
+    if loaded.module is not None:
+        import torch
+
+        params = {name for name, _ in loaded.module.named_parameters()}
+        for name, t in loaded.module.state_dict().items():
+            if not (torch.is_tensor(t) and t.is_floating_point()):
+                continue
+            if bool(torch.isfinite(t).all()):
+                continue
+            weight = name in params or name.endswith(("running_mean", "running_var"))
+            bad = _bad_values(name, t.detach().float().cpu().numpy(), allow_inf=not weight)
+            if bad:
+                break
+    elif loaded.onnx_path is not None:
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(loaded.onnx_path))
+        feeds_weights = {
+            i for node in model.graph.node if node.op_type in _WEIGHT_OPS for i in list(node.input)[1:]
+        }
+        tensors = [(t.name, t) for t in model.graph.initializer] + [
+            (node.output[0], a.t)
+            for node in model.graph.node
+            if node.op_type == "Constant"
+            for a in node.attribute
+            if a.name == "value"
+        ]
+        for name, t in tensors:
+            values = numpy_helper.to_array(t)
+            if values.dtype.kind != "f":
+                continue
+            bad = _bad_values(name, values, allow_inf=name not in feeds_weights)
+            if bad:
+                break
+    if bad:
+        where = loaded.source.get("weights_file") or loaded.source.get("path") or loaded.name
+        raise ModelLoadError(
+            f"{where}: the model's weights are not finite: parameter {bad}; a network with such weights "
+            "computes NaN or garbage, so it is not compressed",
+            "the weights file is damaged, or the training that wrote it diverged: re-download or re-export "
+            "the weights, or retrain (e.g. from a checkpoint saved before the loss became NaN)",
+        )
+
+
 def load_model(config: ModelConfig) -> tuple[BaseParser, LoadedModel]:
     """Resolve ``config.kind`` to a parser, load the model and fill in derived facts."""
     parser = get_parser(config.kind)(config)
@@ -295,4 +375,5 @@ def load_model(config: ModelConfig) -> tuple[BaseParser, LoadedModel]:
         raise ModelLoadError(
             f"model axes '{loaded.axes}' are not supported", "use 'bcyx' (2D) or 'bczyx' (3D)"
         )
+    check_finite(loaded)  # before anything runs the network
     return parser, complete(loaded, config)

@@ -8,22 +8,30 @@ from efficientbioai.errors import ModelLoadError
 from efficientbioai.models.base import BaseParser, LoadedModel, register_parser, scratch_dir, sha256
 
 
-def make_dynamic(src: Path, dst: Path, axes: str) -> int:
-    """Write a copy of an ONNX model whose batch and spatial axes are dynamic; returns input channels.
-
-    Models exported with fixed shapes (e.g. 1×1×512×512) usually compute the same thing at any size;
-    the declared shapes and cached intermediate shapes are what pin them, so both are cleared. A graph
-    that hard-codes a size in a Reshape still fails later, at conversion or first run, with a clear error.
-    """
+def read_onnx(src: Path):
+    """The ONNX model in ``src`` (with its external data), or a clear error when it cannot be read."""
     import onnx
 
     try:
-        model = onnx.load(str(src))
+        return onnx.load(str(src))
     except Exception as exc:
         raise ModelLoadError(
             f"{src} is not an ONNX model ({type(exc).__name__})",
             "check the file; for TorchScript use kind 'torchscript'",
         ) from exc
+
+
+def make_dynamic(src: Path, dst: Path, axes: str, model=None) -> int:
+    """Write a copy of an ONNX model whose batch and spatial axes are dynamic; returns input channels.
+
+    Models exported with fixed shapes (e.g. 1×1×512×512) usually compute the same thing at any size;
+    the declared shapes and cached intermediate shapes are what pin them, so both are cleared. A graph
+    that hard-codes a size in a Reshape still fails later, at conversion or first run, with a clear error.
+    ``model``: ``src`` already read (:func:`read_onnx`).
+    """
+    import onnx
+
+    model = model if model is not None else read_onnx(src)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init_names]
     if len(inputs) != 1:

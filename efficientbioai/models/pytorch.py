@@ -21,8 +21,8 @@ def load_torchscript(path: Path):
         ) from exc
 
 
-def load_state_dict_into(module, checkpoint: Path, label: str):
-    """Load a state-dict checkpoint (``weights_only=True``) into ``module``, explaining mismatches."""
+def read_state_dict(checkpoint: Path) -> dict:
+    """The state dict in a checkpoint (read with ``weights_only=True``), or a clear error."""
     import torch
 
     try:
@@ -42,7 +42,11 @@ def load_state_dict_into(module, checkpoint: Path, label: str):
         raise ModelLoadError(
             f"model.checkpoint: {checkpoint} holds a {type(state).__name__}, not a state dict"
         )
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def fit_state_dict(module, state: dict, checkpoint: Path, label: str):
+    """Load ``state`` (read from ``checkpoint``) into ``module``, explaining mismatches."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -52,6 +56,11 @@ def load_state_dict_into(module, checkpoint: Path, label: str):
             "check model.kwargs (channels, strides, dimensions…) against the ones used for training",
         ) from exc
     return module
+
+
+def load_state_dict_into(module, checkpoint: Path, label: str):
+    """Load a state-dict checkpoint (``weights_only=True``) into ``module``, explaining mismatches."""
+    return fit_state_dict(module, read_state_dict(checkpoint), checkpoint, label)
 
 
 def import_callable(spec: str, key: str = "model.factory"):
